@@ -1,0 +1,87 @@
+"""The `rded` command: distill, slice, demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import JobError, load_job
+
+EXIT_BAD_JOB = 2
+
+
+def _err(msg: str) -> int:
+    print(f"rded: error: {msg}", file=sys.stderr)
+    return EXIT_BAD_JOB
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from .distill import run_distill
+
+    job = load_job(args.job, args.set)
+    summary = run_distill(job, Path(args.out), overwrite=args.overwrite)
+    print(f"rded: done: {summary.line()}")
+    return 0
+
+
+def cmd_slice(args: argparse.Namespace) -> int:
+    from .write import slice_distilled
+
+    src = Path(args.dir)
+    if not (src / "manifest.json").is_file():
+        return _err(f"{src}: no manifest.json (not a finished rded run)")
+    try:
+        m = slice_distilled(src, args.ipc, Path(args.out), overwrite=args.overwrite)
+    except (ValueError, FileExistsError) as e:
+        return _err(str(e))
+    print(f"rded: done: IPC {args.ipc}: {m['images']} images in {len(m['shards'])} shards -> {args.out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), seconds=args.train_seconds)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rded", description="RDED dataset distillation on WebDataset shards.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("distill", help="distil a data set as the job file says")
+    p.add_argument("job", help="job file (TOML)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a job-file value (repeatable); VALUE is read as TOML, else as a string")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("slice", help="the IPC=K set of a larger run, without recomputation")
+    p.add_argument("dir", help="a finished run")
+    p.add_argument("--ipc", type=int, required=True, help="one of the run's tiers (see its manifest)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_slice)
+
+    p = sub.add_parser("demo", help="the whole job on built-in synthetic data (no data or network needed)")
+    p.add_argument("--out", default="rded-demo", help="where the demo's data and outputs go (default: rded-demo)")
+    p.add_argument("--train-seconds", type=float, default=60.0, help="observer training time")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except JobError as e:
+        return _err(str(e))
+    except KeyboardInterrupt:
+        print("rded: interrupted; no finished output was left behind", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

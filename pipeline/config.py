@@ -1,0 +1,181 @@
+"""The job file: one typed, validated configuration (TOML), with `--set section.key=value` overrides.
+
+Relative paths in a job file are resolved against the job file's own directory, so a job file can be
+run from anywhere. Every problem is raised as one `JobError` naming the key, before any work starts.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class JobError(Exception):
+    """A bad job (file, override, input path): reported as one message, exit code 2."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are a mistake (a typo would otherwise silently keep a default).
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    train: list[str] = Field(min_length=1, description="shard paths or brace patterns")
+    classes: str | None = Field(None, description="classes.json: list of {index, name, [imagenet_index]}")
+    class_subset: list[int] | None = Field(None, description="only these dataset class indices")
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+class DistillConfig(_Section):
+    ipc: int = Field(10, ge=1, description="distilled images per class")
+    slices: list[int] | None = Field(None, description="nested tiers; default: those of 1, 10, 50 below ipc, then ipc")
+    subset: int = Field(300, ge=1, description="images drawn per class before cropping (the authors' mipc)")
+    crops: int = Field(5, ge=1, le=64, description="candidate patches per image (K)")
+    factor: int = Field(2, ge=1, le=8, description="factor x factor patches per distilled image")
+    resolution: int = Field(224, ge=8, le=4096, description="distilled image side S")
+    score_mode: Literal["pad", "native"] = "pad"
+    score_decimals: int = Field(4, ge=0, le=7, description="scores are ranked rounded to this many decimals")
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> DistillConfig:
+        if self.resolution // self.factor < 4:
+            raise ValueError(f"resolution {self.resolution} / factor {self.factor} leaves patches under 4 px")
+        tiers = self.tiers
+        if tiers != sorted(set(tiers)) or tiers[-1] != self.ipc or tiers[0] < 1:
+            raise ValueError(f"slices must be increasing, positive and end with ipc={self.ipc}; got {tiers}")
+        return self
+
+    @property
+    def tiers(self) -> list[int]:
+        if self.slices is not None:
+            return list(self.slices)
+        return [t for t in (1, 10, 50) if t < self.ipc] + [self.ipc]
+
+    @property
+    def patches_per_image(self) -> int:
+        return self.factor * self.factor
+
+    @property
+    def patch_size(self) -> int:
+        return self.resolution // self.factor
+
+
+class ObserverConfig(_Section):
+    kind: Literal["efficientnet-lite0", "torchvision", "torchscript"]
+    arch: str | None = Field(None, description="torchvision architecture name (kind = torchvision)")
+    weights: str | None = Field(None, description="state dict (torchvision) or TorchScript file")
+    num_outputs: int | None = Field(None, ge=1, description="observer outputs; default 1000 (torchvision)")
+    normalization: Literal["auto", "imagenet", "lite"] = Field(
+        "auto", description="auto: lite for efficientnet-lite0, imagenet otherwise")
+    class_map: Literal["identity", "imagenet_index"] = Field(
+        "identity", description="dataset class i -> observer output i, or classes.json's imagenet_index")
+
+    @model_validator(mode="after")
+    def _check(self) -> ObserverConfig:
+        if self.kind == "torchvision" and not self.arch:
+            raise ValueError("observer.kind = 'torchvision' needs observer.arch (e.g. 'resnet18')")
+        if self.kind in ("torchvision", "torchscript") and not self.weights:
+            raise ValueError(f"observer.kind = '{self.kind}' needs observer.weights (a local file)")
+        return self
+
+
+class RuntimeConfig(_Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    decoder: Literal["auto", "cpu", "mixed"] = Field("auto", description="DALI decoder; auto: mixed on CUDA")
+    batch_size: int = Field(64, ge=1, description="images per decode batch (does not change results)")
+    dali_threads: int = Field(2, ge=1, description="DALI CPU threads (does not change results)")
+    score_batch: int = Field(32, ge=1, description="patches per observer call; part of the numerics")
+    progress: bool = True
+
+
+class OutputConfig(_Section):
+    shard_size: int = Field(1000, ge=1, description="distilled images per shard (a tier always starts a shard)")
+    image_format: Literal["jpg", "png"] = "jpg"
+    jpeg_quality: int = Field(90, ge=1, le=100)
+    contact_sheet_classes: int = Field(50, ge=1, description="rows in contact-sheet.png at most")
+    contact_sheet_images: int = Field(10, ge=1, description="images per row in contact-sheet.png at most")
+
+
+class JobConfig(_Section):
+    data: DataConfig
+    distill: DistillConfig = DistillConfig()
+    observer: ObserverConfig
+    runtime: RuntimeConfig = RuntimeConfig()
+    output: OutputConfig = OutputConfig()
+    base_dir: str = Field(".", description="directory that relative paths are resolved against (set by load)")
+
+    def path(self, p: str) -> Path:
+        path = Path(p).expanduser()
+        return path if path.is_absolute() else Path(self.base_dir) / path
+
+    def public_dict(self) -> dict[str, Any]:
+        """The configuration as recorded in the manifest (no machine-specific base directory)."""
+        d = self.model_dump(mode="json")
+        d.pop("base_dir")
+        return d
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`section.key=value` with value parsed as a TOML value, or taken as a plain string."""
+    if "=" not in item:
+        raise JobError(f"--set {item!r}: expected section.key=value")
+    dotted, raw = item.split("=", 1)
+    keys = [k.strip() for k in dotted.split(".")]
+    if len(keys) < 2 or not all(keys):
+        raise JobError(f"--set {item!r}: expected section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return keys, value
+
+
+def _format_validation(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid job"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"  {where}: {msg}" + (f" (got {e['input']!r})" if e["type"] not in ("missing", "extra_forbidden") and not isinstance(e["input"], dict) else ""))
+    return "\n".join(lines)
+
+
+def load_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise JobError(f"job file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise JobError(f"{path}: not valid TOML: {e}") from None
+    return job_from_dict(raw, base_dir=path.resolve().parent, overrides=overrides, source=str(path))
+
+
+def job_from_dict(raw: dict[str, Any], *, base_dir: Path, overrides: list[str] = (),
+                  source: str = "job") -> JobConfig:
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise JobError(f"--set {item!r}: {k} is not a section")
+        node[keys[-1]] = value
+    if "base_dir" in raw:
+        raise JobError(f"{source}: base_dir is not a job key")
+    try:
+        return JobConfig.model_validate({**raw, "base_dir": str(base_dir)})
+    except ValidationError as e:
+        raise JobError(_format_validation(e, source)) from None

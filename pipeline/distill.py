@@ -1,0 +1,276 @@
+"""The distillation job: source -> select -> decode + crop -> score -> heap -> write.
+
+Everything that can be wrong with the job is checked before work starts (JobError, exit code 2). All
+outputs are made in a staging folder inside the output directory and moved into place at the end,
+manifest.json last: a directory with a manifest is a finished run.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import __version__
+from .config import JobConfig, JobError
+from .crops import Cutter, CutRequest, crop_window, image_size
+from .heap import PerClassTopK, ScoredPatch, best_first
+from .observer import build_observer, check_observer
+from .report import DISTILLED, EXCLUDED, NOT_DRAWN, SCORED, SKIPPED, Ledger, Timings, peak_rss_mib
+from .score import Scorer
+from .select import SubsetDraw
+from .shardio import read_member
+from .source import SampleRef, Skipped, expand_shards, load_classes, scan_shard
+from .write import (MANIFEST_FORMAT, WriteSettings, plan_images, write_contact_sheet, write_distilled,
+                    write_json)
+
+STAGING = ".rded-staging"
+OUTPUT_FILES = ("manifest.json", "report.json", "samples.tsv", "contact-sheet.png")
+
+
+def log(msg: str) -> None:
+    print(f"rded: {msg}", file=sys.stderr, flush=True)
+
+
+def versions() -> dict[str, str]:
+    import PIL
+    import torchvision
+    from nvidia import dali
+
+    return {"rded": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "nvidia-dali": dali.__version__,
+            "numpy": np.__version__, "pillow": PIL.__version__}
+
+
+def resolve_devices(job: JobConfig) -> tuple[torch.device, str]:
+    want = job.runtime.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise JobError("runtime.device = 'cuda' but CUDA is not available on this machine")
+    device = torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
+    decoder = job.runtime.decoder
+    if decoder == "auto":
+        decoder = "mixed" if device.type == "cuda" else "cpu"
+    if decoder == "mixed" and device.type != "cuda":
+        raise JobError("runtime.decoder = 'mixed' needs CUDA")
+    return device, decoder
+
+
+def prepare_output(out_dir: Path, overwrite: bool) -> Path:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise JobError(f"--out {out_dir}: exists and is not a directory")
+    if (out_dir / "manifest.json").exists() and not overwrite:
+        raise JobError(f"--out {out_dir}: holds a finished run (manifest.json); pass --overwrite to replace it")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = out_dir / STAGING
+    if staging.exists():  # left by a crashed run
+        shutil.rmtree(staging)
+    staging.mkdir()
+    return staging
+
+
+def publish(staging: Path, out_dir: Path) -> None:
+    """Replace any previous run's outputs with the staged ones, manifest.json last."""
+    (out_dir / "manifest.json").unlink(missing_ok=True)
+    for old in out_dir.glob("distilled-*.tar"):
+        old.unlink()
+    for name in OUTPUT_FILES:
+        if name != "manifest.json":
+            (out_dir / name).unlink(missing_ok=True)
+    for item in sorted(staging.iterdir()):
+        if item.name != "manifest.json":
+            item.replace(out_dir / item.name)
+    (staging / "manifest.json").replace(out_dir / "manifest.json")
+    staging.rmdir()
+
+
+@dataclass
+class Summary:
+    out_dir: Path
+    images: int
+    shards: int
+    classes: int
+    scored_images: int
+    skipped: int
+    seconds: float
+
+    def line(self) -> str:
+        rate = self.scored_images / self.seconds if self.seconds else 0.0
+        return (f"{self.images} distilled images ({self.classes} classes, {self.shards} shards) from "
+                f"{self.scored_images} scored source images in {self.seconds:.1f} s ({rate:.1f} images/s); "
+                f"{self.skipped} samples skipped; output: {self.out_dir}")
+
+
+def run_distill(job: JobConfig, out_dir: Path, *, overwrite: bool = False) -> Summary:
+    started = time.perf_counter()
+    cfg = job.distill
+    # -- checks: every failure here is a JobError before any work
+    shards = expand_shards(job)
+    classes = load_classes(job)
+    check_observer(job, classes)
+    device, decoder = resolve_devices(job)
+    staging = prepare_output(out_dir, overwrite)
+    try:
+        return _run(job, out_dir, staging, shards, classes, device, decoder, started)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # nothing half-made stays behind
+        raise
+
+
+def _run(job: JobConfig, out_dir: Path, staging: Path, shards, classes, device: torch.device, decoder: str,
+         started: float) -> Summary:
+    cfg = job.distill
+    timings = Timings()
+    with timings.stage("observer_load", items=1, unit="models"):
+        observer = build_observer(job, classes, device)
+    num_classes = len(observer.output_index)
+    class_names = {c.index: c.name for c in classes} if classes else {i: str(i) for i in range(num_classes)}
+    wanted = set(job.data.class_subset) if job.data.class_subset is not None else set(range(num_classes))
+    unknown_subset = sorted(wanted - set(range(num_classes)))
+    if unknown_subset:
+        raise JobError(f"data.class_subset: no such classes {unknown_subset[:5]} (the data set has {num_classes})")
+
+    ledger = Ledger(staging / "samples.tsv")
+    shard_name = [s.name for s in shards]
+    try:
+        # -- source + select: one header walk per shard, bounded memory (classes x subset)
+        draw = SubsetDraw(cfg.seed, cfg.subset)
+        n_indexed = 0
+        with timings.stage("source_select") as _:
+            for i, shard in enumerate(shards):
+                for rec in scan_shard(i, shard.path):
+                    n_indexed += 1
+                    if isinstance(rec, Skipped):
+                        ledger.record(rec.key, shard.name, SKIPPED, rec.reason)
+                    elif not 0 <= rec.label < num_classes:
+                        ledger.record(rec.key, shard.name, SKIPPED, "unknown_class")
+                    elif rec.label not in wanted:
+                        ledger.record(rec.key, shard.name, EXCLUDED)
+                    else:
+                        for r in draw.offer(rec):
+                            ledger.record(r.key, shard_name[r.shard], NOT_DRAWN)
+            drawn_by_class, dropped = draw.finish()
+            for r in dropped:
+                ledger.record(r.key, shard_name[r.shard], NOT_DRAWN)
+        timings.stages["source_select"].items = n_indexed
+        drawn = sorted((r for refs in drawn_by_class.values() for r in refs), key=lambda r: (r.shard, r.offset))
+        log(f"{len(shards)} shards, {n_indexed} samples indexed; {len(drawn)} drawn "
+            f"({cfg.subset} per class at most, {len(drawn_by_class)} classes)")
+
+        # -- decode + crop, score, key patch, rank
+        cells = cfg.patches_per_image
+        ranking: PerClassTopK[ScoredPatch] = PerClassTopK(cells * cfg.ipc, order=best_first,
+                                                          class_of=lambda p: p.label)
+        scorer = Scorer(observer, mode=cfg.score_mode, resolution=cfg.resolution,
+                        score_batch=job.runtime.score_batch, decimals=cfg.score_decimals)
+        cutter = Cutter(cfg.crops, batch_size=job.runtime.batch_size, num_threads=job.runtime.dali_threads,
+                        decoder=decoder, device_id=0 if device.type == "cuda" else None)
+        p = cfg.patch_size
+        tty = sys.stderr.isatty()
+        bar = tqdm(total=len(drawn), unit="img", desc="rded: scoring", disable=not job.runtime.progress,
+                   mininterval=0.5 if tty else 15.0, file=sys.stderr)
+        scored_count = 0
+        for start in range(0, len(drawn), job.runtime.batch_size):
+            batch = drawn[start:start + job.runtime.batch_size]
+            t0 = time.perf_counter()
+            requests: list[CutRequest] = []
+            good: list[tuple[SampleRef, tuple[int, int], list]] = []
+            for ref in batch:
+                try:
+                    encoded = read_member(shards[ref.shard].path, ref.offset, ref.size)
+                except OSError:
+                    encoded = b""
+                size = image_size(encoded)
+                if size is None:
+                    ledger.record(ref.key, shard_name[ref.shard], SKIPPED, "undecodable")
+                    continue
+                windows = [crop_window(cfg.seed, ref.key, k, *size) for k in range(cfg.crops)]
+                requests.append(CutRequest(encoded, windows, [(p, p)] * cfg.crops))
+                good.append((ref, size, windows))
+            cut = cutter.cut(requests)
+            t1 = time.perf_counter()
+            ok = [(g, c) for g, c in zip(good, cut) if c is not None]
+            for (ref, _, _), c in zip(good, cut):
+                if c is None:
+                    ledger.record(ref.key, shard_name[ref.shard], SKIPPED, "undecodable")
+            timings.add("decode_crop", t1 - t0, len(batch))
+            if ok:
+                patches = np.stack([patch for _, c in ok for patch in c])
+                labels = np.repeat([g[0].label for g, _ in ok], cfg.crops)
+                scores = scorer.score(patches, labels).reshape(len(ok), cfg.crops)
+                t2 = time.perf_counter()
+                timings.add("score", t2 - t1, len(ok) * cfg.crops, unit="patches")
+                for ((ref, size, windows), _), s in zip(ok, scores):
+                    k = int(np.argmax(s))  # first best crop: ties go to the lower crop index
+                    patch = ScoredPatch(float(s[k]), ref.key, ref.label, ref.shard, ref.offset, ref.size, k,
+                                        windows[k], size)
+                    for d in ranking.push(patch):
+                        ledger.record(d.key, shard_name[d.shard], SCORED)
+                timings.add("heap", time.perf_counter() - t2, len(ok))
+                scored_count += len(ok)
+            bar.update(len(batch))
+        bar.close()
+        winners, dropped_patches = ranking.finish()
+        for d in dropped_patches:
+            ledger.record(d.key, shard_name[d.shard], SCORED)
+
+        # -- write: stitch the winners, shards, contact sheet
+        plan = plan_images(winners, cfg.tiers, cells)
+        used = {(p_.shard, p_.key) for image in plan for _, p_ in image.patches}
+        for c in sorted(winners):
+            for w in winners[c]:
+                ledger.record(w.key, shard_name[w.shard], DISTILLED if (w.shard, w.key) in used else SCORED)
+        settings = WriteSettings(cfg.resolution, cfg.factor, cfg.tiers, job.output.shard_size,
+                                 job.output.image_format, job.output.jpeg_quality,
+                                 job.output.contact_sheet_classes, job.output.contact_sheet_images)
+        stitch_cutter = Cutter(1, batch_size=job.runtime.batch_size, num_threads=job.runtime.dali_threads,
+                               decoder=decoder, device_id=0 if device.type == "cuda" else None)
+        with timings.stage("stitch_write", items=len(plan)):
+            result = write_distilled(staging, plan, shards, class_names, settings, stitch_cutter)
+            write_contact_sheet(staging / "contact-sheet.png", result.thumbnails)
+    finally:
+        ledger.close()
+
+    short = {class_names[c]: n for c, n in ((c, result.images_per_class.get(c, 0)) for c in sorted(wanted))
+             if n < cfg.ipc}
+    if short:
+        log(f"warning: {len(short)} classes have fewer than ipc={cfg.ipc} images (too few decodable samples): "
+            + ", ".join(f"{k}: {v}" for k, v in list(short.items())[:10]))
+    drawn_count = {c: len(v) for c, v in drawn_by_class.items()}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "versions": versions(),
+        "job": job.public_dict(),
+        "device": device.type,
+        "decoder": decoder,
+        "ipc": cfg.ipc,
+        "tiers": cfg.tiers,
+        "images": sum(s.samples for s in result.shards),
+        "classes": [{"index": c, "name": class_names[c], "drawn": drawn_count.get(c, 0),
+                     "images": result.images_per_class.get(c, 0)} for c in sorted(wanted)],
+        "shards": [vars(s) for s in result.shards],
+    }
+    seconds = time.perf_counter() - started
+    accounting = ledger.summary()
+    report = {
+        "seconds": round(seconds, 3),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+        "device": device.type,
+        "decoder": decoder,
+        "stages": timings.as_dict(),
+        "accounting": accounting,
+        "short_classes": short,
+        "end_to_end_images_per_s": round(scored_count / seconds, 2) if seconds else None,
+    }
+    write_json(staging / "report.json", report)
+    write_json(staging / "manifest.json", manifest)
+    publish(staging, out_dir)
+    summary = Summary(out_dir, manifest["images"], len(result.shards), len(wanted), scored_count,
+                      sum(accounting[SKIPPED].values()), seconds)
+    return summary

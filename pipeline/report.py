@@ -1,0 +1,90 @@
+"""Accounting and timings: every input sample ends in exactly one ledger row, every stage is timed."""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+# Ledger statuses, in the order a sample can reach them.
+SKIPPED = "skipped"  # with a reason: missing_image, missing_label, bad_label, unknown_class, undecodable
+EXCLUDED = "excluded_class"  # its class is not in data.class_subset
+NOT_DRAWN = "not_drawn"  # not in the uniform per-class subset
+SCORED = "scored"  # drawn and scored, but its key patch did not make the cut
+DISTILLED = "distilled"  # its key patch is in a distilled image
+
+EXAMPLES_PER_REASON = 20
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+@dataclass
+class Stage:
+    seconds: float = 0.0
+    items: int = 0
+    unit: str = "images"
+
+
+@dataclass
+class Timings:
+    stages: dict[str, Stage] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str, items: int = 0, unit: str = "images"):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - start, items, unit)
+
+    def add(self, name: str, seconds: float, items: int = 0, unit: str = "images") -> None:
+        s = self.stages.setdefault(name, Stage(unit=unit))
+        s.seconds += seconds
+        s.items += items
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: {"seconds": round(s.seconds, 4), s.unit: s.items,
+                       f"{s.unit}_per_s": round(s.items / s.seconds, 2) if s.seconds > 0 and s.items else None}
+                for name, s in self.stages.items()}
+
+
+class Ledger:
+    """One TSV row per input sample (key, shard, status, reason), written as samples are decided, so
+    the ledger costs no memory; the counts go into report.json."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file: TextIO = open(path, "w", encoding="utf-8")
+        self._file.write("key\tshard\tstatus\treason\n")
+        self.counts: Counter[str] = Counter()
+        self.reasons: Counter[str] = Counter()
+        self.examples: dict[str, list[str]] = {}
+
+    def record(self, key: str, shard: str, status: str, reason: str = "") -> None:
+        self._file.write(f"{key}\t{shard}\t{status}\t{reason}\n")
+        self.counts[status] += 1
+        if status == SKIPPED:
+            self.reasons[reason] += 1
+            examples = self.examples.setdefault(reason, [])
+            if len(examples) < EXAMPLES_PER_REASON:
+                examples.append(f"{shard}:{key}")
+
+    def close(self) -> None:
+        self._file.close()
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "input_samples": sum(self.counts.values()),
+            DISTILLED: self.counts[DISTILLED],
+            SCORED: self.counts[SCORED],
+            NOT_DRAWN: self.counts[NOT_DRAWN],
+            EXCLUDED: self.counts[EXCLUDED],
+            SKIPPED: dict(sorted(self.reasons.items())),
+            "skipped_examples": self.examples,
+        }

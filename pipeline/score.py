@@ -1,0 +1,61 @@
+"""Score: realism score = log softmax(observer(patch))[true class] = -cross-entropy, batched.
+
+The observer always sees batches of exactly `score_batch` patches (the last one zero-filled), so a
+patch's score does not depend on the user's batch size; scores are rounded to `decimals` so the last
+bits of a kernel cannot reorder near-ties (ties are then broken by sample key).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .observer import Observer
+
+
+class Scorer:
+    def __init__(self, observer: Observer, *, mode: str, resolution: int, score_batch: int, decimals: int):
+        self.observer = observer
+        self.mode = mode  # "pad": centred in a zero canvas of the observer's size; "native": as is
+        self.resolution = resolution
+        self.score_batch = score_batch
+        self.decimals = decimals
+
+    def prepare(self, patches: torch.Tensor) -> torch.Tensor:
+        """uint8 NHWC patches -> normalised NCHW observer input (padded in `pad` mode)."""
+        x = self.observer.normalize(patches.permute(0, 3, 1, 2))
+        if self.mode == "pad":
+            h, w = x.shape[2], x.shape[3]
+            top, left = (self.resolution - h) // 2, (self.resolution - w) // 2
+            # zero after normalisation: the authors' pad value (the mean colour)
+            x = F.pad(x, (left, self.resolution - w - left, top, self.resolution - h - top), value=0.0)
+        return x
+
+    def log_probs(self, patches: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Log-probabilities over the dataset's classes, [B, C] float32 on the CPU."""
+        device = self.observer.device
+        x = torch.as_tensor(patches).to(device)
+        out = []
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                    else contextlib.nullcontext())
+        with torch.inference_mode(), autocast:
+            for start in range(0, x.shape[0], self.score_batch):
+                chunk = x[start:start + self.score_batch]
+                n = chunk.shape[0]
+                if n < self.score_batch:  # keep the numerical batch shape fixed
+                    chunk = torch.cat([chunk, chunk.new_zeros((self.score_batch - n, *chunk.shape[1:]))])
+                inp = self.prepare(chunk)
+                if device.type == "cuda":
+                    inp = inp.contiguous(memory_format=torch.channels_last)
+                logits = self.observer.class_logits(inp)[:n]
+                out.append(torch.log_softmax(logits, dim=1).cpu())
+        return torch.cat(out) if out else torch.empty(0, len(self.observer.output_index))
+
+    def score(self, patches: np.ndarray | torch.Tensor, labels: np.ndarray) -> np.ndarray:
+        """Rounded realism scores, float64 [B]."""
+        lp = self.log_probs(patches)
+        picked = lp[torch.arange(lp.shape[0]), torch.as_tensor(labels, dtype=torch.long)]
+        return np.round(picked.double().numpy(), self.decimals)
