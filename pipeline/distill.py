@@ -159,7 +159,9 @@ def _run(job: JobConfig, out_dir: Path, staging: Path, shards, classes, device: 
             for r in dropped:
                 ledger.record(r.key, shard_name[r.shard], NOT_DRAWN)
         timings.stages["source_select"].items = n_indexed
-        drawn = sorted((r for refs in drawn_by_class.values() for r in refs), key=lambda r: (r.shard, r.offset))
+        # Sequential reads within a shard, and an order that does not depend on how the job lists shards.
+        drawn = sorted((r for refs in drawn_by_class.values() for r in refs),
+                       key=lambda r: (shard_name[r.shard], r.offset))
         log(f"{len(shards)} shards, {n_indexed} samples indexed; {len(drawn)} drawn "
             f"({cfg.subset} per class at most, {len(drawn_by_class)} classes)")
 

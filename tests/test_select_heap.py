@@ -1,0 +1,149 @@
+"""The subset draw is uniform and order-independent; the top-k heap equals a brute-force sort."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from pipeline.heap import PerClassTopK, ScoredPatch, TopK, best_first
+from pipeline.select import SubsetDraw, draw_order, keyed_uniform
+from pipeline.source import SampleRef
+
+# chi-square critical value, 19 degrees of freedom, p = 0.001
+CHI2_19_P001 = 43.82
+
+
+def refs(n: int, label: int = 0, prefix: str = "k") -> list[SampleRef]:
+    return [SampleRef(f"{prefix}{i:04d}", label, i % 3, 1000 * i, 10) for i in range(n)]
+
+
+def draw(seed: int, samples: list[SampleRef], k: int) -> dict:
+    d = SubsetDraw(seed, k)
+    not_drawn = []
+    for r in samples:
+        not_drawn += d.offer(r)
+    kept, dropped = d.finish()
+    return {c: {r.key for r in v} for c, v in kept.items()}, not_drawn + dropped
+
+
+def chi2_inclusion(counts: np.ndarray, expected: float) -> float:
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_draw_is_uniform_over_samples():
+    samples = refs(20)
+    seeds = 2000
+    counts = np.zeros(20)
+    for seed in range(seeds):
+        chosen, _ = draw(seed, samples, 5)
+        for key in chosen[0]:
+            counts[int(key[1:])] += 1
+    assert counts.sum() == seeds * 5
+    assert chi2_inclusion(counts, seeds * 5 / 20) < CHI2_19_P001
+
+
+def test_uniformity_check_detects_a_biased_draw():
+    # the same statistic on a draw that favours low keys must fail, or the test above proves nothing
+    rng = random.Random(0)
+    counts = np.zeros(20)
+    for _ in range(2000):
+        pool = list(range(20))
+        weights = [1.0 + 0.05 * (19 - i) for i in pool]
+        chosen = set()
+        while len(chosen) < 5:
+            chosen.add(rng.choices(pool, weights)[0])
+        for i in chosen:
+            counts[i] += 1
+    assert chi2_inclusion(counts, 2000 * 5 / 20) > CHI2_19_P001
+
+
+def test_draw_pairs_are_uniform():
+    # every pair of samples is drawn together equally often (uniform over subsets, not just margins)
+    samples = refs(8)
+    seeds = 3000
+    pair_counts = np.zeros((8, 8))
+    for seed in range(seeds):
+        chosen = sorted(int(k[1:]) for k in draw(seed, samples, 3)[0][0])
+        for a in chosen:
+            for b in chosen:
+                if a < b:
+                    pair_counts[a, b] += 1
+    pairs = pair_counts[np.triu_indices(8, 1)]
+    expected = seeds * 3 / 28  # C(3,2) pairs per draw, 28 possible pairs
+    # 27 degrees of freedom, p = 0.001
+    assert chi2_inclusion(pairs, expected) < 55.48
+
+
+def test_draw_is_order_independent_and_brute_force_exact():
+    samples = refs(50, 0) + refs(30, 1, prefix="j")
+    reference, _ = draw(7, samples, 12)
+    for trial in range(5):
+        shuffled = samples[:]
+        random.Random(trial).shuffle(shuffled)
+        assert draw(7, shuffled, 12)[0] == reference
+    for c in (0, 1):
+        members = [r for r in samples if r.label == c]
+        brute = {r.key for r in sorted(members, key=lambda r: draw_order(7, r))[:12]}
+        assert reference[c] == brute
+
+
+def test_every_sample_is_drawn_or_reported_not_drawn_once():
+    samples = refs(100)
+    chosen, not_drawn = draw(3, samples, 10)
+    keys = [r.key for r in not_drawn] + sorted(chosen[0])
+    assert sorted(keys) == sorted(r.key for r in samples)
+
+
+def test_class_with_fewer_samples_than_subset_keeps_all():
+    chosen, not_drawn = draw(0, refs(4), 10)
+    assert len(chosen[0]) == 4 and not not_drawn
+
+
+@pytest.mark.parametrize("n,k", [(0, 1), (1, 1), (5, 10), (100, 7), (1000, 64), (257, 128)])
+def test_topk_equals_brute_force_sort(n, k):
+    rng = random.Random(n * 31 + k)
+    # few distinct scores, so ties are common and the key must break them
+    items = [(round(rng.uniform(-3, 0), 1), f"key{rng.randrange(10**6):06d}-{i}") for i in range(n)]
+    top = TopK(k, order=lambda t: (-t[0], t[1]))
+    dropped = []
+    for it in items:
+        dropped += top.push(it)
+    kept, last = top.finish()
+    dropped += last
+    brute = sorted(items, key=lambda t: (-t[0], t[1]))
+    assert kept == brute[:k]
+    assert sorted(dropped + kept) == sorted(items)
+
+
+def patch(score: float, key: str, label: int) -> ScoredPatch:
+    return ScoredPatch(score, key, label, 0, 0, 1, 0, (0, 0, 1, 1), (1, 1))
+
+
+def test_per_class_topk_and_exact_merge_of_parts():
+    rng = random.Random(5)
+    items = [patch(round(rng.uniform(-2, 0), 2), f"s{i:05d}", rng.randrange(4)) for i in range(3000)]
+    whole = PerClassTopK(40, best_first, lambda p: p.label)
+    whole.push_all(items)
+    expected, _ = whole.finish()
+    for c in range(4):
+        assert expected[c] == sorted((p for p in items if p.label == c), key=best_first)[:40]
+    # split across 3 "ranks", then merge their heaps: the same result
+    parts = [items[i::3] for i in range(3)]
+    merged = PerClassTopK(40, best_first, lambda p: p.label)
+    for part in parts:
+        h = PerClassTopK(40, best_first, lambda p: p.label)
+        h.push_all(part)
+        kept, _ = h.finish()
+        for v in kept.values():
+            merged.push_all(v)
+    assert merged.finish()[0] == expected
+
+
+def test_keyed_uniform_is_pure_and_spread():
+    assert keyed_uniform(1, "a", 2) == keyed_uniform(1, "a", 2)
+    assert keyed_uniform(1, "a", 2) != keyed_uniform(2, "a", 2)
+    u = np.array([keyed_uniform(0, "t", i) for i in range(5000)])
+    hist, _ = np.histogram(u, bins=10, range=(0, 1))
+    assert chi2_inclusion(hist, 500) < 27.88  # 9 dof, p = 0.001
