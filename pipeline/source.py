@@ -87,8 +87,11 @@ def scan_shard(shard_index: int, path: Path) -> Iterator[SampleRef | Skipped]:
     """Yield one record per sample (consecutive members sharing a key), reading only headers and labels.
 
     A shard that breaks off (truncated or corrupt tar) ends with one `Skipped(reason='corrupt_shard')`
-    carrying the name of the member where reading stopped; the samples before it are kept.
+    naming the sample where reading stopped; the complete samples before it are kept. `tarfile` stops
+    silently at a broken header, so truncation is checked by hand: a member running past the end of the
+    file, or anything but zero padding after the last header.
     """
+    file_size = path.stat().st_size
     group_key: str | None = None
     image: tuple[int, int] | None = None
     label_bytes: bytes | None = None
@@ -104,15 +107,15 @@ def scan_shard(shard_index: int, path: Path) -> Iterator[SampleRef | Skipped]:
             return Skipped(group_key, shard_index, "bad_label")
         return SampleRef(group_key, label, shard_index, image[0], image[1])
 
-    last_name = "(start)"
+    broken_at: str | None = None
     try:
         with tarfile.open(path, mode="r:") as tar:
             for member in tar:
-                last_name = member.name
-                if not member.isfile():
-                    continue
                 m = _KEY_EXT.match(member.name)
-                if m is None:
+                if member.offset_data + member.size > file_size:
+                    broken_at = m.group(1) if m else member.name
+                    break
+                if not member.isfile() or m is None:
                     continue
                 key, ext = m.group(1), m.group(2).lower()
                 if key != group_key:
@@ -123,10 +126,21 @@ def scan_shard(shard_index: int, path: Path) -> Iterator[SampleRef | Skipped]:
                     image = (member.offset_data, member.size)
                 elif ext == "cls":
                     label_bytes = tar.extractfile(member).read()
+            else:
+                if _has_trailing_data(path, tar.offset):
+                    broken_at = f"(after {group_key})"
     except (tarfile.TarError, OSError, EOFError):
-        if group_key is not None:
+        broken_at = group_key or "(start)"
+    if broken_at is not None:
+        if group_key is not None and broken_at != group_key:
             yield flush()
-            group_key = None
-        yield Skipped(f"{last_name} (read stopped here)", shard_index, "corrupt_shard")
-    if group_key is not None:
+        yield Skipped(broken_at, shard_index, "corrupt_shard")
+    elif group_key is not None:
         yield flush()
+
+
+def _has_trailing_data(path: Path, offset: int, limit: int = 1 << 20) -> bool:
+    """True when non-zero bytes follow the last member: a header tarfile could not read."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return any(f.read(limit))

@@ -214,3 +214,28 @@ def test_class_subset_and_short_classes(write_job, tmp_path):
     report = json.loads((tmp_path / "sub" / "report.json").read_text())
     assert report["accounting"]["excluded_class"] == PER_CLASS
     assert set(report["short_classes"]) == {"circle", "triangle"} or len(report["short_classes"]) == 2
+
+
+def test_truncated_shard_keeps_what_came_before(write_job, data_dir, tmp_path):
+    full = (data_dir / "train-000000.tar").read_bytes()
+    cut = tmp_path / "train-000000.tar"
+    cut.write_bytes(full[: len(full) // 2 + 700])  # breaks off inside a member
+    (tmp_path / "train-000001.tar").write_bytes((data_dir / "train-000001.tar").read_bytes())
+    job = write_job("cut.toml", data={"train": str(tmp_path / "train-{000000..000001}.tar")},
+                    distill={"subset": 100})
+    run_distill(load_job(job), tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    acc = report["accounting"]
+    assert acc["skipped"]["corrupt_shard"] == 1
+    complete_before_cut = len(sample_keys(data_dir / "train-000000.tar")) // 2 - 2
+    assert acc["input_samples"] > complete_before_cut + len(sample_keys(data_dir / "train-000001.tar"))
+    assert (tmp_path / "out" / "manifest.json").is_file()
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--train-seconds", "2"]) == 0
+    assert "rded demo finished" in capsys.readouterr().out
+    m10 = json.loads((tmp_path / "demo" / "ipc10" / "manifest.json").read_text())
+    m1 = json.loads((tmp_path / "demo" / "ipc1" / "manifest.json").read_text())
+    assert m10["images"] == 60 and m1["images"] == 6
+    assert (tmp_path / "demo" / "ipc10" / "contact-sheet.png").is_file()
