@@ -87,6 +87,12 @@ class ObserverConfig(_Section):
         return self
 
 
+class RelabelConfig(_Section):
+    enabled: bool = Field(True, description="write soft-label shards beside the distilled shards")
+    views: int = Field(300, ge=0, le=65535, description="training views labelled per image (one per epoch)")
+    topk: int = Field(16, ge=1, le=65535, description="classes stored per label; all when there are at most topk")
+
+
 class RuntimeConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     decoder: Literal["auto", "cpu", "mixed"] = Field("auto", description="DALI decoder; auto: mixed on CUDA")
@@ -108,6 +114,7 @@ class JobConfig(_Section):
     data: DataConfig
     distill: DistillConfig = DistillConfig()
     observer: ObserverConfig
+    relabel: RelabelConfig = RelabelConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     output: OutputConfig = OutputConfig()
     base_dir: str = Field(".", description="directory that relative paths are resolved against (set by load)")

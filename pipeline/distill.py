@@ -22,7 +22,9 @@ from . import __version__
 from .config import JobConfig, JobError
 from .crops import Cutter, CutRequest, crop_window, image_size
 from .heap import PerClassTopK, ScoredPatch, best_first
+from .labels import LABELS_FORMAT
 from .observer import build_observer, check_observer
+from .relabel import Relabeler
 from .report import DISTILLED, EXCLUDED, NOT_DRAWN, SCORED, SKIPPED, Ledger, Timings, peak_rss_mib
 from .score import Scorer
 from .select import SubsetDraw
@@ -78,7 +80,7 @@ def prepare_output(out_dir: Path, overwrite: bool) -> Path:
 def publish(staging: Path, out_dir: Path) -> None:
     """Replace any previous run's outputs with the staged ones, manifest.json last."""
     (out_dir / "manifest.json").unlink(missing_ok=True)
-    for old in out_dir.glob("distilled-*.tar"):
+    for old in [*out_dir.glob("distilled-*.tar"), *out_dir.glob("labels-*.tar")]:
         old.unlink()
     for name in OUTPUT_FILES:
         if name != "manifest.json":
@@ -88,6 +90,25 @@ def publish(staging: Path, out_dir: Path) -> None:
             item.replace(out_dir / item.name)
     (staging / "manifest.json").replace(out_dir / "manifest.json")
     staging.rmdir()
+
+
+def labels_summary(job: JobConfig, result, num_classes: int) -> dict[str, Any]:
+    image_bytes = sum(s.bytes for s in result.shards)
+    label_bytes = sum(s.labels["bytes"] for s in result.shards)
+    n = max(result.labels_counted, 1)
+    return {
+        "format": LABELS_FORMAT,
+        "views": job.relabel.views,
+        "regions": job.distill.patches_per_image,
+        "classes": num_classes,
+        "topk": min(job.relabel.topk, num_classes),
+        "bytes": label_bytes,
+        "image_bytes": image_bytes,
+        "bytes_ratio": round(label_bytes / image_bytes, 4) if image_bytes else None,
+        # fidelity of the stored labels: mean KL(stored || exact) over every view and region, in nats
+        "mean_kl_t1": float(f"{result.kl_sums.get(1.0, 0.0) / n:.3e}"),
+        "mean_kl_t20": float(f"{result.kl_sums.get(20.0, 0.0) / n:.3e}"),
+    }
 
 
 @dataclass
@@ -233,9 +254,16 @@ def _run(job: JobConfig, out_dir: Path, staging: Path, shards, classes, device: 
                                  job.output.contact_sheet_classes, job.output.contact_sheet_images)
         stitch_cutter = Cutter(1, batch_size=job.runtime.batch_size, num_threads=job.runtime.dali_threads,
                                decoder=decoder, device_id=0 if device.type == "cuda" else None)
-        with timings.stage("stitch_write", items=len(plan)):
-            result = write_distilled(staging, plan, shards, class_names, settings, stitch_cutter)
-            write_contact_sheet(staging / "contact-sheet.png", result.thumbnails)
+        relabeler = None
+        if job.relabel.enabled:
+            relabeler = Relabeler(scorer, seed=cfg.seed, views=job.relabel.views, resolution=cfg.resolution,
+                                  factor=cfg.factor, topk=job.relabel.topk)
+        t0 = time.perf_counter()
+        result = write_distilled(staging, plan, shards, class_names, settings, stitch_cutter, relabeler)
+        write_contact_sheet(staging / "contact-sheet.png", result.thumbnails)
+        timings.add("stitch_write", time.perf_counter() - t0 - result.relabel_seconds, len(plan))
+        if relabeler is not None:
+            timings.add("relabel", result.relabel_seconds, len(plan) * (job.relabel.views + cells), unit="labels")
     finally:
         ledger.close()
 
@@ -258,6 +286,8 @@ def _run(job: JobConfig, out_dir: Path, staging: Path, shards, classes, device: 
                      "images": result.images_per_class.get(c, 0)} for c in sorted(wanted)],
         "shards": [vars(s) for s in result.shards],
     }
+    if relabeler is not None:
+        manifest["labels"] = labels_summary(job, result, num_classes)
     seconds = time.perf_counter() - started
     accounting = ledger.summary()
     report = {

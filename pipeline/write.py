@@ -8,18 +8,23 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 from .crops import Cutter, CutRequest
 from .heap import ScoredPatch
+from .labels import encode_records
 from .shardio import read_member, write_bytes_atomic, write_tar
 from .source import ClassInfo, Shard
+
+if TYPE_CHECKING:
+    from .relabel import Relabeler
 
 MANIFEST_FORMAT = "rded-distilled/1"
 
@@ -101,6 +106,7 @@ class WrittenShard:
     samples: int
     bytes: int
     sha256: str
+    labels: dict[str, Any] | None = None  # the soft-label shard of the same samples: name, bytes, sha256
 
 
 @dataclass
@@ -108,6 +114,9 @@ class WriteResult:
     shards: list[WrittenShard]
     images_per_class: dict[int, int]
     thumbnails: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
+    relabel_seconds: float = 0.0
+    kl_sums: dict[float, float] = field(default_factory=dict)
+    labels_counted: int = 0
 
 
 def encode_image(pixels: np.ndarray, fmt: str, quality: int) -> bytes:
@@ -156,8 +165,9 @@ def provenance(image: PlannedImage, boxes: Sequence[tuple[int, int, int, int]], 
 
 def write_distilled(out_dir: Path, plan: list[PlannedImage], shards: Sequence[Shard],
                     class_names: dict[int, str], settings: WriteSettings, cutter: Cutter,
+                    relabeler: Relabeler | None = None,
                     on_image: Callable[[int], None] = lambda n: None) -> WriteResult:
-    """Stitch and write every planned image; returns what was written, for the manifest."""
+    """Stitch and write every planned image (and its soft labels); returns what was written."""
     boxes = cell_boxes(settings.resolution, settings.factor)
     sheet_classes = set(sorted(class_names)[:settings.sheet_classes])
     result = WriteResult(shards=[], images_per_class={})
@@ -189,8 +199,29 @@ def write_distilled(out_dir: Path, plan: list[PlannedImage], shards: Sequence[Sh
         name = f"distilled-{shard_no:06d}.tar"
         path = out_dir / name
         sha = write_tar(path, samples)
-        result.shards.append(WrittenShard(name, chunk[0].tier, len(samples), path.stat().st_size, sha))
+        shard = WrittenShard(name, chunk[0].tier, len(samples), path.stat().st_size, sha)
+        if relabeler is not None:
+            t0 = time.perf_counter()
+            shard.labels = write_label_shard(out_dir / f"labels-{shard_no:06d}.tar", samples,
+                                             settings.image_format, relabeler, result)
+            result.relabel_seconds += time.perf_counter() - t0
+        result.shards.append(shard)
     return result
+
+
+def write_label_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]], image_format: str,
+                      relabeler: Relabeler, result: WriteResult) -> dict[str, Any]:
+    """Soft labels of one distilled shard's images, labelled from their stored (encoded) bytes."""
+    records = []
+    for key, members in samples:
+        labels = relabeler.label(key, members[image_format])
+        for t, v in labels.kl.items():
+            result.kl_sums[t] = result.kl_sums.get(t, 0.0) + v
+        result.labels_counted += labels.count
+        records.append((key, {"views.npy.zst": encode_records(labels.views),
+                              "regions.npy.zst": encode_records(labels.regions)}))
+    sha = write_tar(path, records)
+    return {"name": path.name, "bytes": path.stat().st_size, "sha256": sha}
 
 
 def write_contact_sheet(path: Path, thumbnails: dict[tuple[int, int], np.ndarray], thumb: int = 96) -> None:
@@ -235,13 +266,13 @@ def slice_distilled(src: Path, ipc: int, out_dir: Path, *, overwrite: bool = Fal
         raise FileExistsError(f"{out_dir}: holds a finished run (manifest.json); pass --overwrite")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "manifest.json").unlink(missing_ok=True)
-    for old in out_dir.glob("distilled-*.tar"):
+    for old in [*out_dir.glob("distilled-*.tar"), *out_dir.glob("labels-*.tar")]:
         old.unlink()
     kept = [s for s in manifest["shards"] if s["tier"] <= ipc]
-    for s in kept:
-        tmp = out_dir / f".{s['name']}.partial"
-        shutil.copyfile(src / s["name"], tmp)
-        tmp.replace(out_dir / s["name"])
+    for name in [n for s in kept for n in (s["name"], (s.get("labels") or {}).get("name")) if n]:
+        tmp = out_dir / f".{name}.partial"
+        shutil.copyfile(src / name, tmp)
+        tmp.replace(out_dir / name)
     tiers = [t for t in manifest["tiers"] if t <= ipc]
     sliced = dict(manifest, ipc=ipc, tiers=tiers, shards=kept, images=sum(s["samples"] for s in kept),
                   sliced_from={"ipc": manifest["ipc"], "tiers": manifest["tiers"]},

@@ -34,6 +34,7 @@ def job_text(data_dir: Path, **sections: dict) -> str:
         "data": {"train": str(data_dir / "train-{000000..000001}.tar"), "classes": str(data_dir / "classes.json")},
         "distill": {"ipc": 2, "slices": [1, 2], "subset": 8, "crops": 3, "factor": 2, "resolution": 32},
         "observer": {"kind": "torchscript", "weights": str(data_dir / "observer.pt")},
+        "relabel": {"views": 3},
         "runtime": {"batch_size": 8, "dali_threads": 1, "progress": False},
         "output": {"shard_size": 4},
     }

@@ -1,0 +1,130 @@
+"""Soft labels: stored views and labels reproduce the observer, the loader applies them exactly, and the
+shards read with numpy + zstandard alone."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import NUM_CLASSES, tar_members
+from pipeline.cli import main
+from pipeline.config import load_job
+from pipeline.labels import kl_divergence, pack_labels, region_dtype, softmax, unpack_logits, view_dtype
+from pipeline.loader import DistilledDataset, read_samples, stored_view
+from pipeline.relabel import apply_view, decode_distilled, draw_view, shuffle_grid
+
+
+def test_codec_all_classes_and_topk_round_trip():
+    rng = np.random.default_rng(0)
+    lp = torch.log_softmax(torch.tensor(rng.normal(0, 3, (50, 40)), dtype=torch.float32), 1).numpy()
+    full = np.zeros(50, region_dtype(40, 40))
+    pack_labels(full, lp)
+    assert kl_divergence(unpack_logits(full, 40), lp, 1.0).max() < 1e-4
+    top = np.zeros(50, region_dtype(40, 8))
+    pack_labels(top, lp)
+    rec = softmax(unpack_logits(top, 40))
+    exact = softmax(lp)
+    # the top classes keep their probability; the rest share the remaining mass evenly
+    idx = top["index"].astype(int)
+    assert np.allclose(np.take_along_axis(rec, idx, 1), np.take_along_axis(exact, idx, 1), atol=2e-3)
+    assert np.allclose(rec.sum(1), 1.0, atol=1e-5)
+    assert (np.argsort(-exact, 1)[:, :8] == idx).all()
+
+
+def test_views_are_pure_and_shuffle_is_a_permutation():
+    assert draw_view(0, "k", 3, 64, 2) == draw_view(0, "k", 3, 64, 2)
+    assert len({draw_view(0, "k", v, 64, 2) for v in range(30)}) > 20
+    img = torch.arange(3 * 9 * 9, dtype=torch.int32).view(3, 9, 9)
+    out = shuffle_grid(img, (1, 0), (1, 0))  # 9 px, factor 2: strips of 5 and 4
+    assert torch.equal(out[:, :4, :4], img[:, 5:, 5:]) and torch.equal(out[:, 4:, 4:], img[:, :5, :5])
+    assert sorted(out.flatten().tolist()) == sorted(img.flatten().tolist())
+    for v in range(200):
+        x, y, w, h = draw_view(1, "q", v, 64, 2).crop
+        assert 0 <= x and x + w <= 64 and 0 <= y and y + h <= 64
+        assert w * h >= 0.5 * 64 * 64 * 0.95  # scale >= 1/factor, up to rounding
+
+
+def test_loader_image_is_the_recorded_view_and_label_is_the_observer(baseline_run, write_job):
+    from pipeline.distill import resolve_devices
+    from pipeline.observer import build_observer
+    from pipeline.score import Scorer
+    from pipeline.source import load_classes
+
+    job = load_job(write_job())
+    ds = DistilledDataset(baseline_run, temperature=20.0, normalize=False)
+    assert len(ds) == NUM_CLASSES * 2
+    obs = build_observer(job, load_classes(job), resolve_devices(job)[0])
+    scorer = Scorer(obs, mode="pad", resolution=32, score_batch=job.runtime.score_batch, decimals=4)
+    for epoch in range(4):  # 3 stored views: epoch 3 wraps to view 0
+        ds.set_epoch(epoch)
+        for i in range(len(ds)):
+            image, target = ds[i]
+            record = ds.view_record(i)
+            assert record["view"] == epoch % 3
+            expected_view = draw_view(0, ds.keys[i], epoch % 3, 32, 2)
+            assert stored_view(record) == expected_view
+            expected = apply_view(decode_distilled(ds.images[i]), expected_view, 32)
+            assert torch.equal(image, expected)
+            exact = scorer.log_probs(expected.permute(1, 2, 0)[None]).numpy()
+            stored = unpack_logits(record[None], NUM_CLASSES)
+            assert kl_divergence(stored, exact, 20.0)[0] < 1e-3 and kl_divergence(stored, exact, 1.0)[0] < 1e-3
+            assert np.abs(target.numpy() - softmax(exact, 20.0)[0]).max() < 1e-3
+            assert abs(target.sum().item() - 1) < 1e-5
+
+
+def test_loader_works_with_dataloader_workers(baseline_run):
+    ds = DistilledDataset(baseline_run, temperature=4.0)
+    ds.set_epoch(1)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=False, num_workers=2)
+    images, targets = next(iter(loader))
+    assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
+    assert torch.allclose(targets[0], ds[0][1])
+    assert torch.equal(images[1], ds[1][0])
+
+
+def test_slice_loader_yields_exactly_the_slice(baseline_run, tmp_path):
+    assert main(["slice", str(baseline_run), "--ipc", "1", "--out", str(tmp_path / "s1")]) == 0
+    full = DistilledDataset(baseline_run, normalize=False)
+    part = DistilledDataset(tmp_path / "s1", normalize=False)
+    assert part.keys == [f"{c:05d}_0000" for c in range(NUM_CLASSES)]
+    for i, key in enumerate(part.keys):
+        j = full.keys.index(key)
+        assert torch.equal(part[i][0], full[j][0]) and torch.equal(part[i][1], full[j][1])
+    assert sorted(p.name for p in (tmp_path / "s1").glob("labels-*.tar")) == ["labels-000000.tar"]
+
+
+def test_manifest_records_label_size_and_fidelity(baseline_run):
+    labels = json.loads((baseline_run / "manifest.json").read_text())["labels"]
+    on_disk = sum(p.stat().st_size for p in baseline_run.glob("labels-*.tar"))
+    assert labels["bytes"] == on_disk and labels["views"] == 3 and labels["classes"] == NUM_CLASSES
+    assert 0 <= labels["mean_kl_t20"] < 1e-3 and 0 <= labels["mean_kl_t1"] < 1e-3
+
+
+READER = r'''
+import io, sys, tarfile, numpy as np, zstandard
+assert "pipeline" not in sys.modules
+path = sys.argv[1]
+with tarfile.open(path) as tar:
+    for m in tar:
+        arr = np.load(io.BytesIO(zstandard.ZstdDecompressor().decompress(tar.extractfile(m).read())),
+                      allow_pickle=False)
+        if m.name.endswith(".views.npy.zst"):
+            assert set(arr.dtype.names) >= {"view", "col_perm", "row_perm", "crop", "flip", "logit"}
+            logits = arr["logit"].astype(np.float64)
+            p = np.exp(logits - logits.max(1, keepdims=True)); p /= p.sum(1, keepdims=True)
+            print(m.name, arr.shape[0], p.shape[1], round(float(p.sum(1).mean()), 6))
+    assert "pipeline" not in sys.modules
+'''
+
+
+def test_label_shards_read_with_numpy_and_zstandard_alone(baseline_run):
+    proc = subprocess.run([sys.executable, "-c", READER, str(baseline_run / "labels-000000.tar")],
+                          capture_output=True, text=True, timeout=120, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.split("\n")
+    assert lines[0].split()[1:] == ["3", str(NUM_CLASSES), "1.0"]
