@@ -46,6 +46,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import run_eval
+
+    run_eval(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rded", description="RDED dataset distillation on WebDataset shards.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +71,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_slice)
+
+    p = sub.add_parser("eval", help="train a student on a distilled run and report validation accuracy")
+    p.add_argument("--distilled", required=True, help="a finished run or slice")
+    p.add_argument("--val", required=True, action="append", help="validation shard path or brace pattern")
+    p.add_argument("--student", default="resnet18", help="torchvision classification model name")
+    p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--resolution", type=int, default=None, help="training and validation side (default: the run's S)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the authors' (10/50/100 at IPC 1/10/50)")
+    p.add_argument("--lr", type=float, default=None, help="default: the authors' for the student family")
+    p.add_argument("--temperature", type=float, default=20.0)
+    p.add_argument("--schedule", choices=["cosine", "authors"], default="cosine",
+                   help="cosine: to 0; authors: their code's cosine that ends at 0.5x")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--teacher-online", action="store_true", help="label every mixed batch with the observer")
+    group.add_argument("--hard-labels", action="store_true", help="train on class labels (cross-entropy)")
+    p.add_argument("--job", default=None, help="the job file whose observer --teacher-online runs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--out", default=None, help="also write the result JSON here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="the whole job on built-in synthetic data (no data or network needed)")
     p.add_argument("--out", default="rded-demo", help="where the demo's data and outputs go (default: rded-demo)")

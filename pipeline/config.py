@@ -34,6 +34,9 @@ class DataConfig(_Section):
 
 
 class DistillConfig(_Section):
+    method: Literal["rded", "random"] = Field(
+        "rded", description="rded: scored patches stitched; random: a uniform random subset of whole images "
+                            "(the centre square), the baseline RDED is measured against")
     ipc: int = Field(10, ge=1, description="distilled images per class")
     slices: list[int] | None = Field(None, description="nested tiers; default: those of 1, 10, 50 below ipc, then ipc")
     subset: int = Field(300, ge=1, description="images drawn per class before cropping (the authors' mipc)")
@@ -46,6 +49,8 @@ class DistillConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> DistillConfig:
+        if self.method == "random" and (self.factor != 1 or self.crops != 1):
+            raise ValueError("distill.method = 'random' stores whole images: set factor = 1 and crops = 1")
         if self.resolution // self.factor < 4:
             raise ValueError(f"resolution {self.resolution} / factor {self.factor} leaves patches under 4 px")
         tiers = self.tiers

@@ -51,6 +51,12 @@ def crop_window(seed: int, key: str, crop_index: int, width: int, height: int) -
     return random_resized_crop(seed, ("crop", key, crop_index), width, height, (MIN_AREA, MAX_AREA), (1.0, 1.0))
 
 
+def centre_square(seed: int, key: str, crop_index: int, width: int, height: int) -> Window:
+    """The largest centred square: a whole real image, for the random-subset baseline."""
+    side = min(width, height)
+    return ((width - side) // 2, (height - side) // 2, side, side)
+
+
 def image_size(encoded: bytes) -> tuple[int, int] | None:
     """(W, H) from the image header alone, or None when the header is unreadable."""
     try:

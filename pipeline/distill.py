@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,16 +21,16 @@ from tqdm import tqdm
 
 from . import __version__
 from .config import JobConfig, JobError
-from .crops import Cutter, CutRequest, crop_window, image_size
+from .crops import Cutter, centre_square, crop_window
 from .heap import PerClassTopK, ScoredPatch, best_first
 from .labels import LABELS_FORMAT
 from .observer import build_observer, check_observer
 from .relabel import Relabeler
-from .report import DISTILLED, EXCLUDED, NOT_DRAWN, SCORED, SKIPPED, Ledger, Timings, peak_rss_mib
-from .score import Scorer
-from .select import SubsetDraw
+from .report import DISTILLED, SCORED, SKIPPED, Ledger, Timings, peak_rss_mib
+from .score import Scorer, score_key_patches
+from .select import draw_order, index_and_draw
 from .shardio import read_member
-from .source import SampleRef, Skipped, expand_shards, load_classes, scan_shard
+from .source import expand_shards, load_classes
 from .write import (MANIFEST_FORMAT, WriteSettings, plan_images, write_contact_sheet, write_distilled,
                     write_json)
 
@@ -92,6 +93,12 @@ def publish(staging: Path, out_dir: Path) -> None:
     staging.rmdir()
 
 
+def progress_bar(job: JobConfig, total: int, what: str) -> tqdm:
+    """Images/s on stderr; in logs (not a terminal) a line every 15 s instead of a live bar."""
+    return tqdm(total=total, unit="img", desc=f"rded: {what}", disable=not job.runtime.progress,
+                mininterval=0.5 if sys.stderr.isatty() else 15.0, file=sys.stderr)
+
+
 def labels_summary(job: JobConfig, result, num_classes: int) -> dict[str, Any]:
     image_bytes = sum(s.bytes for s in result.shards)
     label_bytes = sum(s.labels["bytes"] for s in result.shards)
@@ -130,7 +137,6 @@ class Summary:
 
 def run_distill(job: JobConfig, out_dir: Path, *, overwrite: bool = False) -> Summary:
     started = time.perf_counter()
-    cfg = job.distill
     # -- checks: every failure here is a JobError before any work
     shards = expand_shards(job)
     classes = load_classes(job)
@@ -161,82 +167,40 @@ def _run(job: JobConfig, out_dir: Path, staging: Path, shards, classes, device: 
     shard_name = [s.name for s in shards]
     try:
         # -- source + select: one header walk per shard, bounded memory (classes x subset)
-        draw = SubsetDraw(cfg.seed, cfg.subset)
-        n_indexed = 0
-        with timings.stage("source_select") as _:
-            for i, shard in enumerate(shards):
-                for rec in scan_shard(i, shard.path):
-                    n_indexed += 1
-                    if isinstance(rec, Skipped):
-                        ledger.record(rec.key, shard.name, SKIPPED, rec.reason)
-                    elif not 0 <= rec.label < num_classes:
-                        ledger.record(rec.key, shard.name, SKIPPED, "unknown_class")
-                    elif rec.label not in wanted:
-                        ledger.record(rec.key, shard.name, EXCLUDED)
-                    else:
-                        for r in draw.offer(rec):
-                            ledger.record(r.key, shard_name[r.shard], NOT_DRAWN)
-            drawn_by_class, dropped = draw.finish()
-            for r in dropped:
-                ledger.record(r.key, shard_name[r.shard], NOT_DRAWN)
-        timings.stages["source_select"].items = n_indexed
-        # Sequential reads within a shard, and an order that does not depend on how the job lists shards.
-        drawn = sorted((r for refs in drawn_by_class.values() for r in refs),
-                       key=lambda r: (shard_name[r.shard], r.offset))
-        log(f"{len(shards)} shards, {n_indexed} samples indexed; {len(drawn)} drawn "
-            f"({cfg.subset} per class at most, {len(drawn_by_class)} classes)")
+        t0 = time.perf_counter()
+        drawn, seen = index_and_draw(shards, seed=cfg.seed, subset=cfg.subset, num_classes=num_classes,
+                                     wanted=wanted, ledger=ledger)
+        timings.add("source_select", time.perf_counter() - t0, seen)
+        drawn_count = Counter(r.label for r in drawn)
+        log(f"{len(shards)} shards, {seen} samples indexed; {len(drawn)} drawn "
+            f"({cfg.subset} per class at most, {len(drawn_count)} classes)")
 
-        # -- decode + crop, score, key patch, rank
+        # -- decode + crop, score, key patch per image, per-class ranking
         cells = cfg.patches_per_image
-        ranking: PerClassTopK[ScoredPatch] = PerClassTopK(cells * cfg.ipc, order=best_first,
-                                                          class_of=lambda p: p.label)
+        if cfg.method == "rded":
+            window, order = crop_window, best_first
+        else:  # the baseline: whole images, ranked in draw order so that its slices are random too
+            window, order = centre_square, lambda p: draw_order(cfg.seed, p)
+        ranking: PerClassTopK[ScoredPatch] = PerClassTopK(cells * cfg.ipc, order=order, class_of=lambda p: p.label)
         scorer = Scorer(observer, mode=cfg.score_mode, resolution=cfg.resolution,
                         score_batch=job.runtime.score_batch, decimals=cfg.score_decimals)
         cutter = Cutter(cfg.crops, batch_size=job.runtime.batch_size, num_threads=job.runtime.dali_threads,
                         decoder=decoder, device_id=0 if device.type == "cuda" else None)
-        p = cfg.patch_size
-        tty = sys.stderr.isatty()
-        bar = tqdm(total=len(drawn), unit="img", desc="rded: scoring", disable=not job.runtime.progress,
-                   mininterval=0.5 if tty else 15.0, file=sys.stderr)
+        bar = progress_bar(job, len(drawn), "scoring")
         scored_count = 0
         for start in range(0, len(drawn), job.runtime.batch_size):
             batch = drawn[start:start + job.runtime.batch_size]
+            key_patches, undecodable = score_key_patches(
+                batch, lambda r: read_member(shards[r.shard].path, r.offset, r.size), cutter, scorer,
+                seed=cfg.seed, crops=cfg.crops, patch_size=cfg.patch_size, window=window, timings=timings)
+            for ref in undecodable:
+                ledger.record(ref.key, shard_name[ref.shard], SKIPPED, "undecodable")
             t0 = time.perf_counter()
-            requests: list[CutRequest] = []
-            good: list[tuple[SampleRef, tuple[int, int], list]] = []
-            for ref in batch:
-                try:
-                    encoded = read_member(shards[ref.shard].path, ref.offset, ref.size)
-                except OSError:
-                    encoded = b""
-                size = image_size(encoded)
-                if size is None:
-                    ledger.record(ref.key, shard_name[ref.shard], SKIPPED, "undecodable")
-                    continue
-                windows = [crop_window(cfg.seed, ref.key, k, *size) for k in range(cfg.crops)]
-                requests.append(CutRequest(encoded, windows, [(p, p)] * cfg.crops))
-                good.append((ref, size, windows))
-            cut = cutter.cut(requests)
-            t1 = time.perf_counter()
-            ok = [(g, c) for g, c in zip(good, cut) if c is not None]
-            for (ref, _, _), c in zip(good, cut):
-                if c is None:
-                    ledger.record(ref.key, shard_name[ref.shard], SKIPPED, "undecodable")
-            timings.add("decode_crop", t1 - t0, len(batch))
-            if ok:
-                patches = np.stack([patch for _, c in ok for patch in c])
-                labels = np.repeat([g[0].label for g, _ in ok], cfg.crops)
-                scores = scorer.score(patches, labels).reshape(len(ok), cfg.crops)
-                t2 = time.perf_counter()
-                timings.add("score", t2 - t1, len(ok) * cfg.crops, unit="patches")
-                for ((ref, size, windows), _), s in zip(ok, scores):
-                    k = int(np.argmax(s))  # first best crop: ties go to the lower crop index
-                    patch = ScoredPatch(float(s[k]), ref.key, ref.label, ref.shard, ref.offset, ref.size, k,
-                                        windows[k], size)
-                    for d in ranking.push(patch):
-                        ledger.record(d.key, shard_name[d.shard], SCORED)
-                timings.add("heap", time.perf_counter() - t2, len(ok))
-                scored_count += len(ok)
+            for patch in key_patches:
+                for d in ranking.push(patch):
+                    ledger.record(d.key, shard_name[d.shard], SCORED)
+            timings.add("heap", time.perf_counter() - t0, len(key_patches))
+            scored_count += len(key_patches)
             bar.update(len(batch))
         bar.close()
         winners, dropped_patches = ranking.finish()
@@ -259,7 +223,10 @@ def _run(job: JobConfig, out_dir: Path, staging: Path, shards, classes, device: 
             relabeler = Relabeler(scorer, seed=cfg.seed, views=job.relabel.views, resolution=cfg.resolution,
                                   factor=cfg.factor, topk=job.relabel.topk)
         t0 = time.perf_counter()
-        result = write_distilled(staging, plan, shards, class_names, settings, stitch_cutter, relabeler)
+        bar = progress_bar(job, len(plan), "writing + relabelling" if relabeler else "writing")
+        result = write_distilled(staging, plan, shards, class_names, settings, stitch_cutter, relabeler,
+                                 on_image=bar.update)
+        bar.close()
         write_contact_sheet(staging / "contact-sheet.png", result.thumbnails)
         timings.add("stitch_write", time.perf_counter() - t0 - result.relabel_seconds, len(plan))
         if relabeler is not None:
@@ -272,7 +239,6 @@ def _run(job: JobConfig, out_dir: Path, staging: Path, shards, classes, device: 
     if short:
         log(f"warning: {len(short)} classes have fewer than ipc={cfg.ipc} images (too few decodable samples): "
             + ", ".join(f"{k}: {v}" for k, v in list(short.items())[:10]))
-    drawn_count = {c: len(v) for c, v in drawn_by_class.items()}
     manifest = {
         "format": MANIFEST_FORMAT,
         "versions": versions(),

@@ -46,16 +46,22 @@ def stored_view(record: np.void) -> View:
 class DistilledDataset(Dataset):
     """(image, soft label) pairs of a finished run or slice, for a given epoch.
 
-    image: float32 CHW, ImageNet mean/std normalised (`normalize=False`: uint8 CHW as stored).
-    soft label: float32 [C], softmax of the stored view logits at `temperature`.
+    image: float32 CHW, ImageNet mean/std normalised (`normalize=False`: uint8 CHW as stored), of side
+    `resolution` (default: the run's S; another size resizes the view's crop to it directly).
+    label: float32 [C], softmax of the stored view logits at `temperature`; `label="class"` gives the
+    class index instead (hard labels, or a teacher run online).
     """
 
-    def __init__(self, run_dir: str | Path, *, epoch: int = 0, temperature: float = 1.0, normalize: bool = True):
+    def __init__(self, run_dir: str | Path, *, epoch: int = 0, temperature: float = 1.0, normalize: bool = True,
+                 resolution: int | None = None, label: str = "soft"):
         run_dir = Path(run_dir)
         manifest = json.loads((run_dir / "manifest.json").read_text())
         if "labels" not in manifest:
             raise ValueError(f"{run_dir}: this run has no soft labels (relabel.enabled was false)")
-        self.resolution = manifest["job"]["distill"]["resolution"]
+        if label not in ("soft", "class"):
+            raise ValueError(f"label must be 'soft' or 'class', not {label!r}")
+        self.label = label
+        self.resolution = resolution or manifest["job"]["distill"]["resolution"]
         self.num_classes = manifest["labels"]["classes"]
         self.num_views = manifest["labels"]["views"]
         if self.num_views < 1:
@@ -84,11 +90,13 @@ class DistilledDataset(Dataset):
     def view_record(self, index: int) -> np.void:
         return self.views[index][self.epoch % self.num_views]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor | int]:
         record = self.view_record(index)
         image = apply_view(decode_distilled(self.images[index]), stored_view(record), self.resolution)
-        logits = unpack_logits(record[None], self.num_classes)
-        target = torch.from_numpy(softmax(logits, self.temperature)[0])
+        if self.label == "class":
+            target = self.targets[index]
+        else:
+            target = torch.from_numpy(softmax(unpack_logits(record[None], self.num_classes), self.temperature)[0])
         if self.normalize:
             image = (image.float() / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
         return image, target

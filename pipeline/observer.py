@@ -3,6 +3,7 @@ TorchScript file), the class map from dataset classes to observer outputs, and i
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,8 +71,10 @@ def _load_model(cfg: ObserverConfig, path: Path | None) -> nn.Module:
                                             num_classes=cfg.num_outputs or 1000)
     if cfg.kind == "torchscript":
         try:
-            return torch.jit.load(str(path), map_location="cpu")
-        except RuntimeError as e:
+            with warnings.catch_warnings():  # torch.jit is deprecated upstream, and still the portable format
+                warnings.simplefilter("ignore", FutureWarning)
+                return torch.jit.load(str(path), map_location="cpu")
+        except (RuntimeError, ValueError) as e:
             raise JobError(f"observer.weights: {path} is not a TorchScript file: {e}") from None
     import torchvision
 

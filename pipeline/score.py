@@ -8,12 +8,18 @@ bits of a kernel cannot reorder near-ties (ties are then broken by sample key).
 from __future__ import annotations
 
 import contextlib
+import time
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .crops import Cutter, CutRequest, Window, image_size
+from .heap import ScoredPatch
 from .observer import Observer
+from .report import Timings
+from .source import SampleRef
 
 
 class Scorer:
@@ -59,3 +65,50 @@ class Scorer:
         lp = self.log_probs(patches)
         picked = lp[torch.arange(lp.shape[0]), torch.as_tensor(labels, dtype=torch.long)]
         return np.round(picked.double().numpy(), self.decimals)
+
+
+def score_key_patches(batch: Sequence[SampleRef], read: Callable[[SampleRef], bytes], cutter: Cutter,
+                      scorer: Scorer, *, seed: int, crops: int, patch_size: int,
+                      window: Callable[[int, str, int, int, int], Window],
+                      timings: Timings) -> tuple[list[ScoredPatch], list[SampleRef]]:
+    """Decode each image, cut its K crops, score them and keep the best (ties: the lower crop index).
+
+    Returns (one key patch per decodable image, the images that could not be decoded).
+    """
+    t0 = time.perf_counter()
+    requests: list[CutRequest] = []
+    readable: list[tuple[SampleRef, tuple[int, int], list]] = []
+    undecodable: list[SampleRef] = []
+    for ref in batch:
+        try:
+            encoded = read(ref)
+        except OSError:
+            encoded = b""
+        size = image_size(encoded)
+        if size is None:
+            undecodable.append(ref)
+            continue
+        windows = [window(seed, ref.key, k, *size) for k in range(crops)]
+        requests.append(CutRequest(encoded, windows, [(patch_size, patch_size)] * crops))
+        readable.append((ref, size, windows))
+    cut = cutter.cut(requests)
+    decoded = []
+    for item, patches in zip(readable, cut):
+        if patches is None:
+            undecodable.append(item[0])
+        else:
+            decoded.append((item, patches))
+    t1 = time.perf_counter()
+    timings.add("decode_crop", t1 - t0, len(batch))
+    if not decoded:
+        return [], undecodable
+    patches = np.stack([p for _, ps in decoded for p in ps])
+    labels = np.repeat([item[0].label for item, _ in decoded], crops)
+    scores = scorer.score(patches, labels).reshape(len(decoded), crops)
+    timings.add("score", time.perf_counter() - t1, len(decoded) * crops, unit="patches")
+    key_patches = []
+    for ((ref, size, windows), _), s in zip(decoded, scores):
+        k = int(np.argmax(s))
+        key_patches.append(ScoredPatch(float(s[k]), ref.key, ref.label, ref.shard, ref.offset, ref.size, k,
+                                       windows[k], size))
+    return key_patches, undecodable

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 
-from .heap import PerClassTopK
-from .source import SampleRef
+from .heap import PerClassTopK, ScoredPatch
+from .report import EXCLUDED, NOT_DRAWN, SKIPPED, Ledger
+from .source import SampleRef, Shard, Skipped, scan_shard
 
 
 def keyed_u64(seed: int, *parts: object) -> int:
@@ -26,7 +27,7 @@ def keyed_uniform(seed: int, *parts: object) -> float:
     return (keyed_u64(seed, *parts) >> 11) / float(1 << 53)
 
 
-def draw_order(seed: int, ref: SampleRef) -> tuple[int, str]:
+def draw_order(seed: int, ref: SampleRef | ScoredPatch) -> tuple[int, str]:
     return (keyed_u64(seed, "draw", ref.key), ref.key)
 
 
@@ -44,3 +45,31 @@ class SubsetDraw:
     def finish(self) -> tuple[dict[Hashable, list[SampleRef]], list[SampleRef]]:
         """(drawn samples per class, in draw order; the last samples not drawn)."""
         return self._topk.finish()
+
+
+def index_and_draw(shards: Sequence[Shard], *, seed: int, subset: int, num_classes: int, wanted: set[int],
+                   ledger: Ledger) -> tuple[list[SampleRef], int]:
+    """Walk every shard's headers once; record each sample that is skipped, excluded or not drawn.
+
+    Returns the drawn samples in reading order (shard name, offset): sequential within a shard, and the
+    same whatever order the job lists its shards in; and the number of samples seen.
+    """
+    draw = SubsetDraw(seed, subset)
+    seen = 0
+    for i, shard in enumerate(shards):
+        for rec in scan_shard(i, shard.path):
+            seen += 1
+            if isinstance(rec, Skipped):
+                ledger.record(rec.key, shard.name, SKIPPED, rec.reason)
+            elif not 0 <= rec.label < num_classes:
+                ledger.record(rec.key, shard.name, SKIPPED, "unknown_class")
+            elif rec.label not in wanted:
+                ledger.record(rec.key, shard.name, EXCLUDED)
+            else:
+                for r in draw.offer(rec):
+                    ledger.record(r.key, shards[r.shard].name, NOT_DRAWN)
+    drawn_by_class, dropped = draw.finish()
+    for r in dropped:
+        ledger.record(r.key, shards[r.shard].name, NOT_DRAWN)
+    drawn = [r for refs in drawn_by_class.values() for r in refs]
+    return sorted(drawn, key=lambda r: (shards[r.shard].name, r.offset)), seen

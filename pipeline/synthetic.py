@@ -22,6 +22,8 @@ from PIL import Image, ImageDraw
 
 from pipeline.shardio import write_bytes_atomic, write_tar
 
+__all__ = ["SHAPES", "BAD_KINDS", "IMAGENET_MEAN", "IMAGENET_STD", "SmallCNN", "make_image", "save_torchscript",
+           "train_observer", "write_synthetic_shards"]
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "star", "diamond", "bar")
 BAD_KINDS = ("undecodable", "missing_label", "unknown_class", "bad_label")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

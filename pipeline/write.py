@@ -21,7 +21,7 @@ from .crops import Cutter, CutRequest
 from .heap import ScoredPatch
 from .labels import encode_records
 from .shardio import read_member, write_bytes_atomic, write_tar
-from .source import ClassInfo, Shard
+from .source import Shard
 
 if TYPE_CHECKING:
     from .relabel import Relabeler
@@ -195,7 +195,8 @@ def write_distilled(out_dir: Path, plan: list[PlannedImage], shards: Sequence[Sh
             result.images_per_class[image.label] = result.images_per_class.get(image.label, 0) + 1
             if image.label in sheet_classes and image.image_index < settings.sheet_images:
                 result.thumbnails[(image.label, image.image_index)] = canvas
-            on_image(1)
+            if relabeler is None:
+                on_image(1)
         name = f"distilled-{shard_no:06d}.tar"
         path = out_dir / name
         sha = write_tar(path, samples)
@@ -203,14 +204,15 @@ def write_distilled(out_dir: Path, plan: list[PlannedImage], shards: Sequence[Sh
         if relabeler is not None:
             t0 = time.perf_counter()
             shard.labels = write_label_shard(out_dir / f"labels-{shard_no:06d}.tar", samples,
-                                             settings.image_format, relabeler, result)
+                                             settings.image_format, relabeler, result, on_image)
             result.relabel_seconds += time.perf_counter() - t0
         result.shards.append(shard)
     return result
 
 
 def write_label_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]], image_format: str,
-                      relabeler: Relabeler, result: WriteResult) -> dict[str, Any]:
+                      relabeler: Relabeler, result: WriteResult,
+                      on_image: Callable[[int], None]) -> dict[str, Any]:
     """Soft labels of one distilled shard's images, labelled from their stored (encoded) bytes."""
     records = []
     for key, members in samples:
@@ -220,6 +222,7 @@ def write_label_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]], i
         result.labels_counted += labels.count
         records.append((key, {"views.npy.zst": encode_records(labels.views),
                               "regions.npy.zst": encode_records(labels.regions)}))
+        on_image(1)
     sha = write_tar(path, records)
     return {"name": path.name, "bytes": path.stat().st_size, "sha256": sha}
 

@@ -8,14 +8,13 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 import torch
 
-from conftest import NUM_CLASSES, tar_members
+from conftest import NUM_CLASSES
 from pipeline.cli import main
 from pipeline.config import load_job
-from pipeline.labels import kl_divergence, pack_labels, region_dtype, softmax, unpack_logits, view_dtype
-from pipeline.loader import DistilledDataset, read_samples, stored_view
+from pipeline.labels import kl_divergence, pack_labels, region_dtype, softmax, unpack_logits
+from pipeline.loader import DistilledDataset, stored_view
 from pipeline.relabel import apply_view, decode_distilled, draw_view, shuffle_grid
 
 

@@ -1,0 +1,220 @@
+"""Student training and evaluation with the authors' recipe (DESIGN.md §1), as a plain loop.
+
+AdamW (weight decay on weights of dim > 1 only), a per-epoch cosine schedule, the stored training views
+(grid shuffle + RandomResizedCrop + flip, applied by the loader), CutMix per batch with lambda ~ Beta(1, 1),
+and KL(teacher || student) at temperature T. Labels come from the stored soft-label shards, from the
+observer run online on every mixed batch (the authors' way), or from the classes (hard labels, CE).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+from tqdm import tqdm
+
+from .loader import IMAGENET_MEAN, IMAGENET_STD
+from .select import keyed_u64
+
+# The authors' learning rates by student family (DESIGN.md §1).
+LR_BY_FAMILY = (("resnet", 1e-3), ("efficientnet", 2e-3), ("mobilenet", 2.5e-3), ("vgg", 5e-4),
+                ("vit", 1e-4), ("swin", 1e-4))
+
+LabelSource = Literal["stored", "online", "hard"]
+
+
+def default_lr(student: str) -> float:
+    return next((lr for family, lr in LR_BY_FAMILY if student.startswith(family)), 1e-3)
+
+
+def default_batch_size(ipc: int, num_classes: int) -> int:
+    """The authors' batch sizes: 10 at IPC 1, 50 at IPC 10, 100 at IPC 50 (x2 for >= 100 classes)."""
+    base = 10 if ipc < 10 else 50 if ipc < 50 else 100
+    if num_classes >= 100:
+        base *= 2
+    return max(1, min(base, ipc * num_classes))
+
+
+@dataclass
+class Recipe:
+    student: str = "resnet18"
+    epochs: int = 300
+    resolution: int = 224
+    batch_size: int = 50
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    temperature: float = 20.0
+    schedule: Literal["cosine", "authors"] = "cosine"  # authors: decays to 0.5x, not 0 (a quirk of their code)
+    labels: LabelSource = "stored"
+    seed: int = 0
+    workers: int = 2
+
+
+def lr_factor(epoch: int, epochs: int, schedule: str) -> float:
+    if schedule == "authors":
+        return 0.5 * (1 + math.cos(math.pi * epoch / (2 * epochs)))
+    return 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+
+
+def build_student(name: str, num_classes: int) -> nn.Module:
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(f"unknown student {name!r}: use a torchvision classification model name")
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def normalize_imagenet(x: torch.Tensor) -> torch.Tensor:
+    return (x.float() / 255.0 - IMAGENET_MEAN.to(x.device)) / IMAGENET_STD.to(x.device)
+
+
+def cutmix(images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """CutMix against a permutation of the batch: (mixed images, permutation, lambda = kept area share)."""
+    n, _, h, w = images.shape
+    lam = torch.distributions.Beta(1.0, 1.0).sample().item() if generator is None else \
+        torch.rand(1, generator=generator).item()  # Beta(1, 1) is uniform: drawn from the seeded generator
+    perm = torch.randperm(n, generator=generator)
+    cut = math.sqrt(1.0 - lam)
+    cw, ch = int(w * cut), int(h * cut)
+    cx, cy = (int(v) for v in torch.randint(0, w, (1,), generator=generator).tolist() +
+              torch.randint(0, h, (1,), generator=generator).tolist())
+    x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+    y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
+    mixed = images.clone()
+    mixed[:, :, y0:y1, x0:x1] = images[perm, :, y0:y1, x0:x1]
+    return mixed, perm, 1.0 - (x1 - x0) * (y1 - y0) / (w * h)
+
+
+def soft_target_loss(student_logits: torch.Tensor, target_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(target || softmax(student / T)), batch mean."""
+    return F.kl_div(F.log_softmax(student_logits / temperature, dim=1), target_probs, reduction="batchmean")
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    lr: float
+    loss: float
+    seconds: float
+
+
+def train_student(train_set: Dataset, num_classes: int, recipe: Recipe, *,
+                  teacher: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  progress: bool = True, on_epoch: Callable[[EpochLog, nn.Module], None] | None = None) -> nn.Module:
+    """Train a student from scratch. `train_set` yields (uint8 CHW view, label) with label a probability
+    vector at T (stored), or a class index (hard, or online: then `teacher` maps a uint8 batch to logits)."""
+    torch.manual_seed(recipe.seed)
+    model = build_student(recipe.student, num_classes)
+    opt = torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=(0.9, 0.999))
+    bar = tqdm(total=recipe.epochs, unit="epoch", desc=f"rded: training {recipe.student}", disable=not progress,
+               file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    for epoch in range(recipe.epochs):
+        started = time.perf_counter()
+        lr = recipe.lr * lr_factor(epoch, recipe.epochs, recipe.schedule)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        if hasattr(train_set, "set_epoch"):
+            train_set.set_epoch(epoch)
+        generator = torch.Generator().manual_seed(keyed_u64(recipe.seed, "train", epoch) >> 1)
+        loader = DataLoader(train_set, batch_size=recipe.batch_size, shuffle=True, generator=generator,
+                            num_workers=recipe.workers, persistent_workers=False)
+        model.train()
+        total, batches = 0.0, 0
+        for images, labels in loader:
+            mixed, perm, lam = cutmix(images, generator)
+            logits = model(normalize_imagenet(mixed))
+            if recipe.labels == "online":
+                with torch.inference_mode():
+                    target = F.softmax(teacher(mixed) / recipe.temperature, dim=1)
+                loss = soft_target_loss(logits, target.clone(), recipe.temperature)
+            elif recipe.labels == "stored":
+                target = lam * labels + (1 - lam) * labels[perm]
+                loss = soft_target_loss(logits, target, recipe.temperature)
+            else:
+                loss = lam * F.cross_entropy(logits, labels) + (1 - lam) * F.cross_entropy(logits, labels[perm])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item()
+            batches += 1
+        log = EpochLog(epoch, lr, total / max(batches, 1), time.perf_counter() - started)
+        bar.set_postfix(loss=f"{log.loss:.4f}")
+        bar.update(1)
+        if on_epoch:
+            on_epoch(log, model)
+    bar.close()
+    return model.eval()
+
+
+class ValShards(IterableDataset):
+    """Validation shards as (uint8 CHW, class): Resize(S * 8/7) then CenterCrop(S), as the authors do."""
+
+    def __init__(self, urls: Sequence[str], resolution: int):
+        self.urls = list(urls)
+        self.resolution = resolution
+
+    def __iter__(self):
+        import webdataset as wds
+        from torchvision.transforms import v2
+
+        tf = v2.Compose([v2.PILToTensor(), v2.Resize(int(self.resolution * 8 / 7), antialias=True),
+                         v2.CenterCrop(self.resolution)])
+        ds = wds.WebDataset(self.urls, shardshuffle=False, empty_check=False).decode("pil")
+        for sample in ds.to_tuple("jpg;jpeg;png;webp", "cls", "__key__"):
+            image, label, key = sample
+            yield tf(image.convert("RGB")), int(label), key
+
+
+@dataclass
+class Accuracy:
+    top1: float
+    top5: float
+    count: int
+    keys_unique: bool
+
+
+def evaluate(model: nn.Module, val: ValShards, *, batch_size: int = 100, workers: int = 0) -> Accuracy:
+    """Top-1 and top-5 over every validation sample, each once (checked by key)."""
+    loader = DataLoader(val, batch_size=batch_size, num_workers=min(workers, len(val.urls)))
+    correct1 = correct5 = count = 0
+    keys: set[str] = set()
+    duplicate = False
+    model.eval()
+    with torch.inference_mode():
+        for images, labels, batch_keys in loader:
+            logits = model(normalize_imagenet(images))
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            correct1 += (top[:, 0] == labels).sum().item()
+            correct5 += (top == labels[:, None]).any(dim=1).sum().item()
+            count += len(labels)
+            for k in batch_keys:
+                duplicate |= k in keys
+                keys.add(k)
+    return Accuracy(correct1 / max(count, 1), correct5 / max(count, 1), count, not duplicate)
+
+
+def recipe_dict(recipe: Recipe) -> dict:
+    return asdict(recipe)
+
+
+def save_student(model: nn.Module, path: Path) -> None:
+    from .shardio import write_bytes_atomic
+    import io
+
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    write_bytes_atomic(path, buf.getvalue())
