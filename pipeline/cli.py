@@ -53,6 +53,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_observer(args: argparse.Namespace) -> int:
+    from .evaluate import run_train_observer
+
+    run_train_observer(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rded", description="RDED dataset distillation on WebDataset shards.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +100,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("train-observer", help="train a classifier on full training shards, to use as an observer")
+    p.add_argument("--train", required=True, action="append", help="training shard path or brace pattern")
+    p.add_argument("--num-classes", type=int, required=True)
+    p.add_argument("--arch", default="resnet18", help="torchvision classification model name")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--resolution", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--val", action="append", default=None, help="validation shards to report accuracy on")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--out", required=True, help="where the state dict goes")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train_observer)
+
     p = sub.add_parser("demo", help="the whole job on built-in synthetic data (no data or network needed)")
     p.add_argument("--out", default="rded-demo", help="where the demo's data and outputs go (default: rded-demo)")
     p.add_argument("--train-seconds", type=float, default=60.0, help="observer training time")
@@ -101,7 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .runtime import exit_cleanly_on_sigterm, keep_large_allocations
+
     args = build_parser().parse_args(argv)
+    keep_large_allocations()
+    exit_cleanly_on_sigterm()
     try:
         return args.func(args)
     except JobError as e:

@@ -62,12 +62,15 @@ def run_demo(out: Path, *, seconds: float = 60.0) -> None:
     log(summary.line())
     sliced = slice_distilled(out / "ipc10", 1, out / "ipc1", overwrite=True)
     log(f"sliced IPC 1 from it: {sliced['images']} images, no recomputation")
-    print(f"""
-rded demo finished in {time.perf_counter() - started:.0f} s. Look at:
-  {out / 'ipc10' / 'contact-sheet.png'}   the distilled images, a row per class
-  {out / 'ipc10'}/distilled-*.tar          distilled shards (image, .cls, .json provenance)
-  {out / 'ipc10' / 'manifest.json'}        config, versions, per-class counts, sha256 of every shard
-  {out / 'ipc10' / 'report.json'}          stage timings and every input sample accounted for
-  {out / 'ipc1'}                           the IPC 1 slice
-  {job_path}                             the job file; rerun it with
-      rded distill {job_path} --out {out / 'ipc10'} --overwrite""")
+    rows = [(out / "ipc10" / "contact-sheet.png", "the distilled images, a row per class"),
+            (out / "ipc10" / "distilled-*.tar", "distilled shards (image, .cls, .json provenance)"),
+            (out / "ipc10" / "labels-*.tar", "soft labels: 300 training views and 4 regions per image"),
+            (out / "ipc10" / "manifest.json", "config, versions, per-class counts, sha256 of every shard"),
+            (out / "ipc10" / "report.json", "stage timings; every input sample accounted for"),
+            (out / "ipc1", "the IPC 1 slice"),
+            (job_path, "the job file")]
+    width = max(len(str(path)) for path, _ in rows)
+    print(f"\nrded demo finished in {time.perf_counter() - started:.0f} s. Look at:")
+    for path, what in rows:
+        print(f"  {str(path):<{width}}  {what}")
+    print(f"Rerun the job with: rded distill {job_path} --out {out / 'ipc10'} --overwrite")

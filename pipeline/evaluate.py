@@ -26,6 +26,13 @@ def expand_urls(patterns: list[str]) -> list[str]:
     return urls
 
 
+def count_samples(urls: list[str]) -> int:
+    """Samples in the shards by their own headers, to report how many evaluation could not use."""
+    from .source import scan_shard
+
+    return sum(1 for i, u in enumerate(urls) for _ in scan_shard(i, Path(u)))
+
+
 def online_teacher(run_dir: Path, job_path: str | None):
     """The observer as a function of a uint8 batch, from --job or (no weights file needed) the run's own job."""
     from .config import job_from_dict
@@ -68,7 +75,8 @@ def run_eval(args) -> dict[str, Any]:
     started = time.perf_counter()
     model = train_student(train_set, num_classes, recipe, teacher=teacher, progress=not args.quiet)
     trained = time.perf_counter() - started
-    accuracy = evaluate(model, ValShards(urls, resolution), workers=args.workers)
+    accuracy = evaluate(model, ValShards(urls, num_classes, resolution), workers=args.workers)
+    in_shards = count_samples(urls)
     result = {
         "distilled": str(run_dir),
         "ipc": manifest["ipc"],
@@ -79,6 +87,7 @@ def run_eval(args) -> dict[str, Any]:
         "top1": round(accuracy.top1, 4),
         "top5": round(accuracy.top5, 4),
         "val_samples": accuracy.count,
+        "val_skipped": in_shards - accuracy.count,
         "train_seconds": round(trained, 1),
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -89,4 +98,32 @@ def run_eval(args) -> dict[str, Any]:
           f"{labels} labels, {recipe.epochs} epochs at {resolution} px): top-1 {100 * accuracy.top1:.1f} %, "
           f"top-5 {100 * accuracy.top5:.1f} % on {accuracy.count} validation images; "
           f"{result['seconds']:.0f} s", file=sys.stderr)
+    return result
+
+
+def run_train_observer(args) -> dict[str, Any]:
+    """Train a torchvision classifier on full training shards (cross-entropy), to serve as an observer."""
+    from .train import TrainShards, build_student, save_student
+
+    urls = expand_urls(args.train)
+    try:
+        build_student(args.arch, args.num_classes)
+    except ValueError as e:
+        raise JobError(f"--arch: {e}") from None
+    recipe = Recipe(student=args.arch, epochs=args.epochs, resolution=args.resolution, batch_size=args.batch_size,
+                    lr=args.lr or default_lr(args.arch), labels="hard", seed=args.seed, workers=args.workers)
+    started = time.perf_counter()
+    model = train_student(TrainShards(urls, args.num_classes, args.resolution, seed=args.seed), args.num_classes, recipe,
+                          progress=not args.quiet)
+    save_student(model, Path(args.out))
+    result = {"weights": args.out, "arch": args.arch, "num_outputs": args.num_classes, "recipe": asdict(recipe),
+              "train_seconds": round(time.perf_counter() - started, 1)}
+    if args.val:
+        acc = evaluate(model, ValShards(expand_urls(args.val), args.num_classes, args.resolution),
+                       workers=args.workers)
+        result.update(top1=round(acc.top1, 4), top5=round(acc.top5, 4), val_samples=acc.count)
+    print(json.dumps(result, sort_keys=True))
+    print(f"rded train-observer: wrote {args.out}; use it in a job file as\n"
+          f'  [observer]\n  kind = "torchvision"\n  arch = "{args.arch}"\n  weights = "{args.out}"\n'
+          f"  num_outputs = {args.num_classes}", file=sys.stderr)
     return result

@@ -130,8 +130,11 @@ def train_student(train_set: Dataset, num_classes: int, recipe: Recipe, *,
         if hasattr(train_set, "set_epoch"):
             train_set.set_epoch(epoch)
         generator = torch.Generator().manual_seed(keyed_u64(recipe.seed, "train", epoch) >> 1)
-        loader = DataLoader(train_set, batch_size=recipe.batch_size, shuffle=True, generator=generator,
-                            num_workers=recipe.workers, persistent_workers=False)
+        if isinstance(train_set, IterableDataset):  # streamed shards shuffle themselves
+            loader = DataLoader(train_set, batch_size=recipe.batch_size, num_workers=recipe.workers)
+        else:
+            loader = DataLoader(train_set, batch_size=recipe.batch_size, shuffle=True, generator=generator,
+                                num_workers=recipe.workers)
         model.train()
         total, batches = 0.0, 0
         for images, labels in loader:
@@ -140,6 +143,7 @@ def train_student(train_set: Dataset, num_classes: int, recipe: Recipe, *,
             if recipe.labels == "online":
                 with torch.inference_mode():
                     target = F.softmax(teacher(mixed) / recipe.temperature, dim=1)
+                # an inference-mode tensor cannot be saved for backward: the clone is a normal tensor
                 loss = soft_target_loss(logits, target.clone(), recipe.temperature)
             elif recipe.labels == "stored":
                 target = lam * labels + (1 - lam) * labels[perm]
@@ -160,23 +164,73 @@ def train_student(train_set: Dataset, num_classes: int, recipe: Recipe, *,
     return model.eval()
 
 
+def labelled_images(urls: Sequence[str], num_classes: int, shuffle: int = 0, rng=None):
+    """(RGB PIL image, class, key) from WebDataset shards, skipping samples that do not decode or have no
+    label in [0, num_classes) (evaluation reports how many were skipped, from the shards' sample count)."""
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    ds = wds.WebDataset(list(urls), shardshuffle=False, empty_check=False)
+    if shuffle:
+        ds = ds.shuffle(shuffle, rng=rng)
+    for sample in ds:
+        encoded = next((sample[e] for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
+        try:
+            label = int(sample["cls"])
+            image = Image.open(io.BytesIO(encoded)).convert("RGB")
+        except Exception:  # missing or broken member: Pillow and int() raise many types
+            continue
+        if not 0 <= label < num_classes:
+            continue
+        yield image, label, sample["__key__"]
+
+
+class TrainShards(IterableDataset):
+    """Full training shards for `rded train-observer`, streamed: (uint8 CHW, class) after a
+    RandomResizedCrop to S and a flip, both pure functions of (seed, key, epoch); a seeded shuffle buffer."""
+
+    def __init__(self, urls: Sequence[str], num_classes: int, resolution: int, *, seed: int = 0, buffer: int = 1000):
+        self.urls, self.num_classes, self.resolution = list(urls), num_classes, resolution
+        self.seed, self.buffer = seed, buffer
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        import random
+
+        from torchvision.transforms.v2 import functional as TF
+
+        from .crops import random_resized_crop
+
+        rng = random.Random(keyed_u64(self.seed, "shuffle", self.epoch))
+        for image, label, key in labelled_images(self.urls, self.num_classes, self.buffer, rng):
+            image = TF.pil_to_tensor(image)
+            h, w = image.shape[-2:]
+            x, y, cw, ch = random_resized_crop(self.seed, ("train", key, self.epoch), w, h, (0.08, 1.0),
+                                               (3 / 4, 4 / 3))
+            image = TF.resized_crop(image, y, x, ch, cw, [self.resolution, self.resolution], antialias=True)
+            if keyed_u64(self.seed, "flip", key, self.epoch) % 2:
+                image = image.flip(-1)
+            yield image, int(label)
+
+
 class ValShards(IterableDataset):
     """Validation shards as (uint8 CHW, class): Resize(S * 8/7) then CenterCrop(S), as the authors do."""
 
-    def __init__(self, urls: Sequence[str], resolution: int):
-        self.urls = list(urls)
-        self.resolution = resolution
+    def __init__(self, urls: Sequence[str], num_classes: int, resolution: int):
+        self.urls, self.num_classes, self.resolution = list(urls), num_classes, resolution
 
     def __iter__(self):
-        import webdataset as wds
         from torchvision.transforms import v2
 
         tf = v2.Compose([v2.PILToTensor(), v2.Resize(int(self.resolution * 8 / 7), antialias=True),
                          v2.CenterCrop(self.resolution)])
-        ds = wds.WebDataset(self.urls, shardshuffle=False, empty_check=False).decode("pil")
-        for sample in ds.to_tuple("jpg;jpeg;png;webp", "cls", "__key__"):
-            image, label, key = sample
-            yield tf(image.convert("RGB")), int(label), key
+        for image, label, key in labelled_images(self.urls, self.num_classes):
+            yield tf(image), label, key
 
 
 @dataclass

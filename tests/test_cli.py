@@ -71,3 +71,22 @@ def test_overrides_are_typed(write_job):
 def test_slice_of_a_non_run_is_exit_2(tmp_path, capsys):
     assert main(["slice", str(tmp_path), "--ipc", "1", "--out", str(tmp_path / "o")]) == 2
     assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_sigterm_mid_run_leaves_nothing_behind(write_job, tmp_path):
+    import signal
+    import time
+
+    # many views make the relabel stage long enough to be interrupted in the middle
+    job = write_job(relabel={"views": 3000})
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "distill", str(job), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(out.glob(".rded-staging/distilled-*.tar")) and time.time() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, "the job ended before it could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert list(out.iterdir()) == []

@@ -69,7 +69,7 @@ def test_evaluation_sees_every_sample_once_and_matches_brute_force(val_dir):
     urls = [str(val_dir / f"val-{i:06d}.tar") for i in range(3)]
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(48, NUM_CLASSES))
-    val = ValShards(urls, 32)
+    val = ValShards(urls, NUM_CLASSES, 32)
     acc = evaluate(model, val, batch_size=4, workers=2)
     assert acc.count == NUM_CLASSES * 7 and acc.keys_unique
     correct = 0
@@ -101,3 +101,19 @@ def test_online_teacher_needs_its_job_when_the_observer_has_files(baseline_run, 
     rc = main(["eval", "--distilled", str(baseline_run), "--val", str(val_dir / "val-000000.tar"),
                "--teacher-online", "--epochs", "1", "--quiet"])
     assert rc == 2 and "--job" in capsys.readouterr().err
+
+
+def test_train_observer_output_loads_as_an_observer(data_dir, val_dir, tmp_path, write_job, capsys):
+    from pipeline.config import load_job
+    from pipeline.distill import run_distill
+
+    weights = tmp_path / "obs.pt"
+    assert main(["train-observer", "--train", str(data_dir / "train-{000000..000001}.tar"), "--num-classes",
+                 str(NUM_CLASSES), "--arch", "resnet18", "--epochs", "1", "--resolution", "32", "--batch-size", "16",
+                 "--workers", "0", "--quiet", "--val", str(val_dir / "val-000000.tar"), "--out", str(weights)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["val_samples"] > 0 and weights.is_file()
+    job = write_job("tv.toml", observer={"kind": "torchvision", "arch": "resnet18", "weights": str(weights),
+                                         "num_outputs": NUM_CLASSES})
+    summary = run_distill(load_job(job), tmp_path / "out")
+    assert summary.images == NUM_CLASSES * 2
