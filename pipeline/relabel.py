@@ -8,11 +8,12 @@ are computed on the image as decoded from its stored bytes, which is exactly wha
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_image
+from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from .crops import Window, random_resized_crop
@@ -47,8 +48,9 @@ def draw_view(seed: int, key: str, view_index: int, resolution: int, factor: int
 
 
 def decode_distilled(encoded: bytes) -> torch.Tensor:
-    """uint8 CHW RGB, the way the loader decodes it."""
-    return decode_image(torch.frombuffer(bytearray(encoded), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    """uint8 CHW RGB: one decoder for the relabel stage and the loader, so labels match training input."""
+    with Image.open(io.BytesIO(encoded)) as im:
+        return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
 
 
 def shuffle_grid(image: torch.Tensor, col_perm: tuple[int, ...], row_perm: tuple[int, ...]) -> torch.Tensor:
