@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -12,7 +13,9 @@ EXIT_BAD_JOB = 2
 
 
 def _err(msg: str) -> int:
-    print(f"rded: error: {msg}", file=sys.stderr)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    where = f" (rank {os.environ.get('RANK', '?')} of {world})" if world > 1 else ""
+    print(f"rded: error{where}: {msg}", file=sys.stderr)
     return EXIT_BAD_JOB
 
 
@@ -123,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "TORCHELASTIC_ERROR_FILE" in os.environ:  # under torchrun: its failure summary gets our traceback
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        return record(_main)(argv)
+    return _main(argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     from .runtime import exit_cleanly_on_sigterm, keep_large_allocations
 
     args = build_parser().parse_args(argv)

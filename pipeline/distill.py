@@ -10,7 +10,6 @@ from __future__ import annotations
 import shutil
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,13 +25,14 @@ from .heap import PerClassTopK, ScoredPatch, best_first
 from .labels import LABELS_FORMAT
 from .observer import build_observer, check_observer
 from .relabel import Relabeler
-from .report import DISTILLED, SCORED, SKIPPED, Ledger, Timings, peak_rss_mib
+from .dist import Ranks, from_environment, shutdown
+from .report import DISTILLED, SCORED, SKIPPED, Ledger, Timings, concat_ledgers, merge_accounting, peak_rss_mib
 from .score import Scorer, score_key_patches
 from .select import draw_order, index_and_draw
 from .shardio import read_member
 from .source import expand_shards, load_classes
-from .write import (MANIFEST_FORMAT, WriteSettings, plan_images, write_contact_sheet, write_distilled,
-                    write_json)
+from .write import (MANIFEST_FORMAT, WriteSettings, merge_results, plan_images, write_contact_sheet,
+                    write_distilled, write_json)
 
 STAGING = ".rded-staging"
 OUTPUT_FILES = ("manifest.json", "report.json", "samples.tsv", "contact-sheet.png")
@@ -65,11 +65,14 @@ def resolve_devices(job: JobConfig) -> tuple[torch.device, str]:
     return device, decoder
 
 
-def prepare_output(out_dir: Path, overwrite: bool) -> Path:
+def check_output(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise JobError(f"--out {out_dir}: exists and is not a directory")
     if (out_dir / "manifest.json").exists() and not overwrite:
         raise JobError(f"--out {out_dir}: holds a finished run (manifest.json); pass --overwrite to replace it")
+
+
+def make_staging(out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = out_dir / STAGING
     if staging.exists():  # left by a crashed run
@@ -93,9 +96,10 @@ def publish(staging: Path, out_dir: Path) -> None:
     staging.rmdir()
 
 
-def progress_bar(job: JobConfig, total: int, what: str) -> tqdm:
-    """Images/s on stderr; in logs (not a terminal) a line every 15 s instead of a live bar."""
-    return tqdm(total=total, unit="img", desc=f"rded: {what}", disable=not job.runtime.progress,
+def progress_bar(job: JobConfig, total: int, what: str, ranks: Ranks) -> tqdm:
+    """Images/s on stderr (the main rank's share when there are several); in logs (not a terminal) a
+    line every 15 s instead of a live bar."""
+    return tqdm(total=total, unit="img", desc=f"rded: {what}", disable=not job.runtime.progress or not ranks.is_main,
                 mininterval=0.5 if sys.stderr.isatty() else 15.0, file=sys.stderr)
 
 
@@ -136,22 +140,32 @@ class Summary:
 
 
 def run_distill(job: JobConfig, out_dir: Path, *, overwrite: bool = False) -> Summary:
+    """Run a job, in this process or as one rank of a torchrun launch (detected from the environment)."""
     started = time.perf_counter()
-    # -- checks: every failure here is a JobError before any work
+    # -- checks: every failure here is a JobError before any work (on every rank alike)
     shards = expand_shards(job)
     classes = load_classes(job)
     check_observer(job, classes)
     device, decoder = resolve_devices(job)
-    staging = prepare_output(out_dir, overwrite)
+    check_output(out_dir, overwrite)
+    ranks = from_environment(len(shards), use_cuda=device.type == "cuda")
+    if device.type == "cuda":
+        device = torch.device("cuda", ranks.local_rank)
+    staging = out_dir / STAGING
     try:
-        return _run(job, out_dir, staging, shards, classes, device, decoder, started)
+        if ranks.is_main:
+            make_staging(out_dir)
+        ranks.barrier()
+        return _run(job, out_dir, staging, shards, classes, device, decoder, ranks, started)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # nothing half-made stays behind
         raise
+    finally:
+        shutdown(ranks)
 
 
 def _run(job: JobConfig, out_dir: Path, staging: Path, shards, classes, device: torch.device, decoder: str,
-         started: float) -> Summary:
+         ranks: Ranks, started: float) -> Summary:
     cfg = job.distill
     timings = Timings()
     with timings.stage("observer_load", items=1, unit="models"):
@@ -163,17 +177,21 @@ def _run(job: JobConfig, out_dir: Path, staging: Path, shards, classes, device: 
     if unknown_subset:
         raise JobError(f"data.class_subset: no such classes {unknown_subset[:5]} (the data set has {num_classes})")
 
-    ledger = Ledger(staging / "samples.tsv")
+    ledger_path = staging / ("samples.tsv" if ranks.world == 1 else f".samples.rank{ranks.rank}.tsv")
+    ledger = Ledger(ledger_path)
     shard_name = [s.name for s in shards]
+    dali_device = ranks.local_rank if device.type == "cuda" else None
     try:
         # -- source + select: one header walk per shard, bounded memory (classes x subset)
         t0 = time.perf_counter()
-        drawn, seen = index_and_draw(shards, seed=cfg.seed, subset=cfg.subset, num_classes=num_classes,
-                                     wanted=wanted, ledger=ledger)
+        drawn, seen, drawn_count = index_and_draw(shards, seed=cfg.seed, subset=cfg.subset,
+                                                  num_classes=num_classes, wanted=wanted, ledger=ledger,
+                                                  ranks=ranks)
         timings.add("source_select", time.perf_counter() - t0, seen)
-        drawn_count = Counter(r.label for r in drawn)
-        log(f"{len(shards)} shards, {seen} samples indexed; {len(drawn)} drawn "
-            f"({cfg.subset} per class at most, {len(drawn_count)} classes)")
+        if ranks.is_main:
+            log(f"{len(shards)} shards, {seen} samples indexed; {sum(drawn_count.values())} drawn "
+                f"({cfg.subset} per class at most, {len(drawn_count)} classes)"
+                + (f"; {ranks.world} ranks" if ranks.world > 1 else ""))
 
         # -- decode + crop, score, key patch per image, per-class ranking
         cells = cfg.patches_per_image
@@ -185,8 +203,8 @@ def _run(job: JobConfig, out_dir: Path, staging: Path, shards, classes, device: 
         scorer = Scorer(observer, mode=cfg.score_mode, resolution=cfg.resolution,
                         score_batch=job.runtime.score_batch, decimals=cfg.score_decimals)
         cutter = Cutter(cfg.crops, batch_size=job.runtime.batch_size, num_threads=job.runtime.dali_threads,
-                        decoder=decoder, device_id=0 if device.type == "cuda" else None)
-        bar = progress_bar(job, len(drawn), "scoring")
+                        decoder=decoder, device_id=dali_device)
+        bar = progress_bar(job, len(drawn), "scoring", ranks)
         scored_count = 0
         for start in range(0, len(drawn), job.runtime.batch_size):
             batch = drawn[start:start + job.runtime.batch_size]
@@ -203,37 +221,54 @@ def _run(job: JobConfig, out_dir: Path, staging: Path, shards, classes, device: 
             scored_count += len(key_patches)
             bar.update(len(batch))
         bar.close()
-        winners, dropped_patches = ranking.finish()
+        local_winners, dropped_patches = ranking.finish()
         for d in dropped_patches:
             ledger.record(d.key, shard_name[d.shard], SCORED)
+        # exact merge of the ranks' heaps: every rank gets the single-process winners
+        merged: PerClassTopK[ScoredPatch] = PerClassTopK(cells * cfg.ipc, order=order, class_of=lambda p: p.label)
+        for part in ranks.gather(local_winners):
+            for patches in part.values():
+                merged.push_all(patches)
+        winners, _ = merged.finish()
 
         # -- write: stitch the winners, shards, contact sheet
         plan = plan_images(winners, cfg.tiers, cells)
         used = {(p_.shard, p_.key) for image in plan for _, p_ in image.patches}
-        for c in sorted(winners):
-            for w in winners[c]:
+        for c in sorted(local_winners):
+            for w in local_winners[c]:
                 ledger.record(w.key, shard_name[w.shard], DISTILLED if (w.shard, w.key) in used else SCORED)
         settings = WriteSettings(cfg.resolution, cfg.factor, cfg.tiers, job.output.shard_size,
                                  job.output.image_format, job.output.jpeg_quality,
                                  job.output.contact_sheet_classes, job.output.contact_sheet_images)
         stitch_cutter = Cutter(1, batch_size=job.runtime.batch_size, num_threads=job.runtime.dali_threads,
-                               decoder=decoder, device_id=0 if device.type == "cuda" else None)
+                               decoder=decoder, device_id=dali_device)
         relabeler = None
         if job.relabel.enabled:
             relabeler = Relabeler(scorer, seed=cfg.seed, views=job.relabel.views, resolution=cfg.resolution,
                                   factor=cfg.factor, topk=job.relabel.topk)
         t0 = time.perf_counter()
-        bar = progress_bar(job, len(plan), "writing + relabelling" if relabeler else "writing")
-        result = write_distilled(staging, plan, shards, class_names, settings, stitch_cutter, relabeler,
-                                 on_image=bar.update)
+        bar = progress_bar(job, len(plan), "writing + relabelling" if relabeler else "writing", ranks)
+        mine = write_distilled(staging, plan, shards, class_names, settings, stitch_cutter, relabeler,
+                               on_image=bar.update, owns_output=ranks.owns_output)
         bar.close()
-        write_contact_sheet(staging / "contact-sheet.png", result.thumbnails)
-        timings.add("stitch_write", time.perf_counter() - t0 - result.relabel_seconds, len(plan))
+        timings.add("stitch_write", time.perf_counter() - t0 - mine.relabel_seconds, len(plan))
         if relabeler is not None:
-            timings.add("relabel", result.relabel_seconds, len(plan) * (job.relabel.views + cells), unit="labels")
+            timings.add("relabel", mine.relabel_seconds, len(plan) * (job.relabel.views + cells), unit="labels")
     finally:
         ledger.close()
 
+    # -- every rank has written its part; the main rank writes the run's records and publishes it
+    result = merge_results(ranks.gather(mine))
+    accounting = merge_accounting(ranks.gather(ledger.summary()))
+    scored_count = sum(ranks.gather(scored_count))
+    seconds = time.perf_counter() - started
+    summary = Summary(out_dir, sum(s.samples for s in result.shards), len(result.shards), len(wanted),
+                      scored_count, sum(accounting[SKIPPED].values()), seconds)
+    if not ranks.is_main:
+        return summary
+    if ranks.world > 1:
+        concat_ledgers([staging / f".samples.rank{r}.tsv" for r in range(ranks.world)], staging / "samples.tsv")
+    write_contact_sheet(staging / "contact-sheet.png", result.thumbnails)
     short = {class_names[c]: n for c, n in ((c, result.images_per_class.get(c, 0)) for c in sorted(wanted))
              if n < cfg.ipc}
     if short:
@@ -247,20 +282,19 @@ def _run(job: JobConfig, out_dir: Path, staging: Path, shards, classes, device: 
         "decoder": decoder,
         "ipc": cfg.ipc,
         "tiers": cfg.tiers,
-        "images": sum(s.samples for s in result.shards),
+        "images": summary.images,
         "classes": [{"index": c, "name": class_names[c], "drawn": drawn_count.get(c, 0),
                      "images": result.images_per_class.get(c, 0)} for c in sorted(wanted)],
         "shards": [vars(s) for s in result.shards],
     }
     if relabeler is not None:
         manifest["labels"] = labels_summary(job, result, num_classes)
-    seconds = time.perf_counter() - started
-    accounting = ledger.summary()
     report = {
         "seconds": round(seconds, 3),
         "peak_rss_mib": round(peak_rss_mib(), 1),
         "device": device.type,
         "decoder": decoder,
+        "ranks": ranks.world,
         "stages": timings.as_dict(),
         "accounting": accounting,
         "short_classes": short,
@@ -269,6 +303,4 @@ def _run(job: JobConfig, out_dir: Path, staging: Path, shards, classes, device: 
     write_json(staging / "report.json", report)
     write_json(staging / "manifest.json", manifest)
     publish(staging, out_dir)
-    summary = Summary(out_dir, manifest["images"], len(result.shards), len(wanted), scored_count,
-                      sum(accounting[SKIPPED].values()), seconds)
     return summary

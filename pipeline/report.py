@@ -88,3 +88,32 @@ class Ledger:
             SKIPPED: dict(sorted(self.reasons.items())),
             "skipped_examples": self.examples,
         }
+
+
+def merge_accounting(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ranks' ledger summaries as one."""
+    merged: dict[str, Any] = {"input_samples": 0, DISTILLED: 0, SCORED: 0, NOT_DRAWN: 0, EXCLUDED: 0,
+                              SKIPPED: {}, "skipped_examples": {}}
+    for part in parts:
+        for key in ("input_samples", DISTILLED, SCORED, NOT_DRAWN, EXCLUDED):
+            merged[key] += part[key]
+        for reason, n in part[SKIPPED].items():
+            merged[SKIPPED][reason] = merged[SKIPPED].get(reason, 0) + n
+        for reason, examples in part["skipped_examples"].items():
+            kept = merged["skipped_examples"].setdefault(reason, [])
+            kept.extend(examples[: EXAMPLES_PER_REASON - len(kept)])
+    merged[SKIPPED] = dict(sorted(merged[SKIPPED].items()))
+    return merged
+
+
+def concat_ledgers(parts: list[Path], out: Path) -> None:
+    """One samples.tsv from the ranks' ledgers (rank order), one header."""
+    with open(out, "w", encoding="utf-8") as dst:
+        for i, part in enumerate(parts):
+            with open(part, encoding="utf-8") as src:
+                header = src.readline()
+                if i == 0:
+                    dst.write(header)
+                for line in src:
+                    dst.write(line)
+            part.unlink()

@@ -10,10 +10,14 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Hashable, Sequence
+from typing import TYPE_CHECKING
 
 from .heap import PerClassTopK, ScoredPatch
 from .report import EXCLUDED, NOT_DRAWN, SKIPPED, Ledger
 from .source import SampleRef, Shard, Skipped, scan_shard
+
+if TYPE_CHECKING:
+    from .dist import Ranks
 
 
 def keyed_u64(seed: int, *parts: object) -> int:
@@ -48,16 +52,22 @@ class SubsetDraw:
 
 
 def index_and_draw(shards: Sequence[Shard], *, seed: int, subset: int, num_classes: int, wanted: set[int],
-                   ledger: Ledger) -> tuple[list[SampleRef], int]:
-    """Walk every shard's headers once; record each sample that is skipped, excluded or not drawn.
+                   ledger: Ledger, ranks: Ranks) -> tuple[list[SampleRef], int, dict[int, int]]:
+    """Walk the headers of the shards this rank owns; record each sample that is skipped, excluded or not
+    drawn; merge the ranks' per-class draws exactly (the bottom-k of a union is the bottom-k of the parts'
+    bottom-ks), so the drawn set is the single-process one.
 
-    Returns the drawn samples in reading order (shard name, offset): sequential within a shard, and the
-    same whatever order the job lists its shards in; and the number of samples seen.
+    Returns this rank's drawn samples in reading order (shard name, offset): sequential within a shard,
+    and the same whatever order the job lists its shards in; the samples seen by all ranks; and the
+    drawn count per class over all ranks.
     """
     draw = SubsetDraw(seed, subset)
     seen = 0
-    for i, shard in enumerate(shards):
+    for i in ranks.shard_indices(len(shards)):
+        shard = shards[i]
         for rec in scan_shard(i, shard.path):
+            if not ranks.owns_sample(i, rec.key):
+                continue
             seen += 1
             if isinstance(rec, Skipped):
                 ledger.record(rec.key, shard.name, SKIPPED, rec.reason)
@@ -68,8 +78,21 @@ def index_and_draw(shards: Sequence[Shard], *, seed: int, subset: int, num_class
             else:
                 for r in draw.offer(rec):
                     ledger.record(r.key, shards[r.shard].name, NOT_DRAWN)
-    drawn_by_class, dropped = draw.finish()
+    local_by_class, dropped = draw.finish()
     for r in dropped:
         ledger.record(r.key, shards[r.shard].name, NOT_DRAWN)
-    drawn = [r for refs in drawn_by_class.values() for r in refs]
-    return sorted(drawn, key=lambda r: (shards[r.shard].name, r.offset)), seen
+    local = [r for refs in local_by_class.values() for r in refs]
+    merged = SubsetDraw(seed, subset)
+    for part in ranks.gather(local):
+        for r in part:
+            merged.offer(r)
+    drawn_by_class, _ = merged.finish()
+    drawn_ids = {(r.shard, r.key) for refs in drawn_by_class.values() for r in refs}
+    mine = []
+    for r in local:
+        if (r.shard, r.key) in drawn_ids:
+            mine.append(r)
+        else:
+            ledger.record(r.key, shards[r.shard].name, NOT_DRAWN)
+    mine.sort(key=lambda r: (shards[r.shard].name, r.offset))
+    return mine, sum(ranks.gather(seen)), {c: len(v) for c, v in drawn_by_class.items()}

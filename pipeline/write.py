@@ -166,12 +166,16 @@ def provenance(image: PlannedImage, boxes: Sequence[tuple[int, int, int, int]], 
 def write_distilled(out_dir: Path, plan: list[PlannedImage], shards: Sequence[Shard],
                     class_names: dict[int, str], settings: WriteSettings, cutter: Cutter,
                     relabeler: Relabeler | None = None,
-                    on_image: Callable[[int], None] = lambda n: None) -> WriteResult:
-    """Stitch and write every planned image (and its soft labels); returns what was written."""
+                    on_image: Callable[[int], None] = lambda n: None,
+                    owns_output: Callable[[int], bool] = lambda shard_no: True) -> WriteResult:
+    """Stitch and write the planned images of the output shards this process owns (all, unless it is one
+    rank of many), with their soft labels; returns what was written."""
     boxes = cell_boxes(settings.resolution, settings.factor)
     sheet_classes = set(sorted(class_names)[:settings.sheet_classes])
     result = WriteResult(shards=[], images_per_class={})
     for shard_no, chunk in enumerate(_chunks(plan, settings.shard_size)):
+        if not owns_output(shard_no):
+            continue
         requests = []
         for image in chunk:
             for (rank, p), (x0, y0, x1, y1) in zip(image.patches, boxes):
@@ -194,7 +198,7 @@ def write_distilled(out_dir: Path, plan: list[PlannedImage], shards: Sequence[Sh
             }))
             result.images_per_class[image.label] = result.images_per_class.get(image.label, 0) + 1
             if image.label in sheet_classes and image.image_index < settings.sheet_images:
-                result.thumbnails[(image.label, image.image_index)] = canvas
+                result.thumbnails[(image.label, image.image_index)] = thumbnail(canvas)
             if relabeler is None:
                 on_image(1)
         name = f"distilled-{shard_no:06d}.tar"
@@ -227,7 +231,29 @@ def write_label_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]], i
     return {"name": path.name, "bytes": path.stat().st_size, "sha256": sha}
 
 
-def write_contact_sheet(path: Path, thumbnails: dict[tuple[int, int], np.ndarray], thumb: int = 96) -> None:
+THUMB = 96
+
+
+def thumbnail(canvas: np.ndarray) -> np.ndarray:
+    return np.asarray(Image.fromarray(canvas).resize((THUMB, THUMB), Image.Resampling.BILINEAR))
+
+
+def merge_results(parts: Sequence[WriteResult]) -> WriteResult:
+    """The ranks' write results as one (shards in name order)."""
+    merged = WriteResult(shards=sorted((s for p in parts for s in p.shards), key=lambda s: s.name),
+                         images_per_class={})
+    for p in parts:
+        for c, n in p.images_per_class.items():
+            merged.images_per_class[c] = merged.images_per_class.get(c, 0) + n
+        merged.thumbnails.update(p.thumbnails)
+        for t, v in p.kl_sums.items():
+            merged.kl_sums[t] = merged.kl_sums.get(t, 0.0) + v
+        merged.labels_counted += p.labels_counted
+        merged.relabel_seconds = max(merged.relabel_seconds, p.relabel_seconds)
+    return merged
+
+
+def write_contact_sheet(path: Path, thumbnails: dict[tuple[int, int], np.ndarray], thumb: int = THUMB) -> None:
     """A grid of distilled images: a row per class (capped), its first images left to right."""
     if not thumbnails:
         return
@@ -237,8 +263,7 @@ def write_contact_sheet(path: Path, thumbnails: dict[tuple[int, int], np.ndarray
     for r, c in enumerate(rows):
         for j in range(cols):
             if (c, j) in thumbnails:
-                im = Image.fromarray(thumbnails[(c, j)]).resize((thumb, thumb), Image.Resampling.BILINEAR)
-                sheet.paste(im, (2 + j * (thumb + 2), 2 + r * (thumb + 2)))
+                sheet.paste(Image.fromarray(thumbnails[(c, j)]), (2 + j * (thumb + 2), 2 + r * (thumb + 2)))
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
     write_bytes_atomic(path, buf.getvalue())

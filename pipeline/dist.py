@@ -1,0 +1,82 @@
+"""Scale-out with torch.distributed (launched by torchrun): who owns which samples and output shards.
+
+Input shards are split across ranks (or, with fewer shards than ranks, samples by a keyed hash). Each
+rank draws, scores and ranks what it owns; the per-class bottom-k draws and top-k heaps are merged
+exactly (the top-k of a union is the top-k of the parts' top-ks), so every rank ends with the same plan,
+and output shards are split across ranks. One process is the same code with a world of one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .select import keyed_u64
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    split_by_shard: bool = True
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard_indices(self, num_shards: int) -> list[int]:
+        """The input shards this rank reads."""
+        if self.split_by_shard:
+            return list(range(self.rank, num_shards, self.world))
+        return list(range(num_shards))
+
+    def owns_sample(self, shard_index: int, key: str) -> bool:
+        if self.split_by_shard:
+            return shard_index % self.world == self.rank
+        return keyed_u64(0, "owner", key) % self.world == self.rank
+
+    def owns_output(self, shard_no: int) -> bool:
+        return shard_no % self.world == self.rank
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def from_environment(num_shards: int, use_cuda: bool) -> Ranks:
+    """The ranks torchrun describes in the environment (WORLD_SIZE, RANK, LOCAL_RANK), else one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Ranks()
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return Ranks(dist.get_rank(), dist.get_world_size(), local_rank, split_by_shard=num_shards >= world)
+
+
+def shutdown(ranks: Ranks) -> None:
+    if ranks.world > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,64 @@
+"""The job under torchrun (2 CPU ranks, gloo): byte-identical to one process, and a dead rank fails it cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+
+
+def torchrun(*args: str) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "pipeline", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def test_two_ranks_give_the_single_process_output(baseline_run, write_job, tmp_path):
+    out = tmp_path / "two"
+    proc = torchrun("distill", str(write_job()), "--out", str(out))
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    names = sorted(p.name for p in baseline_run.glob("*.tar"))
+    assert names == sorted(p.name for p in out.glob("*.tar")) and any(n.startswith("labels-") for n in names)
+    for name in names:  # distilled and soft-label shards
+        assert (out / name).read_bytes() == (baseline_run / name).read_bytes(), name
+    assert (out / "manifest.json").read_bytes() == (baseline_run / "manifest.json").read_bytes()
+    ledger = sorted((out / "samples.tsv").read_text().splitlines())
+    assert ledger == sorted((baseline_run / "samples.tsv").read_text().splitlines())
+    assert not list(out.glob(".*"))
+
+
+def children_with_rank(parent: int, rank: str) -> list[int]:
+    """Worker processes below `parent` whose environment says RANK=rank."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        is_worker = any(v.startswith(b"TORCHELASTIC_RUN_ID=") for v in env)
+        if is_worker and f"RANK={rank}".encode() in env and int(pid) != parent:
+            found.append(int(pid))
+    return found
+
+
+def test_a_killed_rank_fails_the_job_cleanly(write_job, tmp_path):
+    out = tmp_path / "killed"
+    proc = torchrun("distill", str(write_job(relabel={"views": 3000})), "--out", str(out))
+    deadline = time.time() + 300
+    while not list(out.glob(".rded-staging/distilled-*.tar")) and time.time() < deadline:
+        time.sleep(0.1)
+    victims = children_with_rank(proc.pid, "1")
+    assert proc.poll() is None and victims, "the job ended before a rank could be killed"
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "rank      : 1" in stderr and "SIGKILL" in stderr  # torchrun names the rank and the cause
+    assert not (out / "manifest.json").exists()
+    assert not list(out.glob("*.tar"))
