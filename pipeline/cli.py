@@ -63,6 +63,13 @@ def cmd_train_observer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    run_bench(args.job, args.set, Path(args.out), reference=not args.no_reference)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rded", description="RDED dataset distillation on WebDataset shards.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="where the state dict goes")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train_observer)
+
+    p = sub.add_parser("bench", help="time the job's stages against a reference-style baseline and the observer alone")
+    p.add_argument("job", help="job file (TOML)")
+    p.add_argument("--out", required=True, help="working directory for the runs and bench.json")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--no-reference", action="store_true", help="skip the reference-style baseline")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="the whole job on built-in synthetic data (no data or network needed)")
     p.add_argument("--out", default="rded-demo", help="where the demo's data and outputs go (default: rded-demo)")
