@@ -2,8 +2,8 @@
 
 - ours: the job itself (its report.json), end to end;
 - reference: what the authors' code does, written by us on the same drawn images: Pillow decode,
-  torchvision RandomResizedCrop K times per image, per-class batches through the observer with padding,
-  sort, stitch, JPEG. It runs in its own process without our allocator setting (runtime.py), as theirs would;
+  torchvision RandomResizedCrop K times per image, per-class batches through the observer with the patch
+  padded to S (always: their `pad`), sort, stitch, JPEG. It runs in its own process without our allocator setting (runtime.py), as theirs would;
 - ceiling: the observer alone on random patches of the same shape, in batches of the same size.
 """
 
@@ -80,8 +80,8 @@ def reference_style(job: JobConfig, drawn_keys: dict[int, list[tuple[str, int, i
         with torch.inference_mode():
             for i in range(0, len(batch), job.runtime.score_batch):
                 x = observer.normalize(batch[i:i + job.runtime.score_batch].to(device))
-                if cfg.score_mode == "pad":
-                    x = F.pad(x, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
+                # always padded to S, as the authors' code does, whatever mode ours runs in
+                x = F.pad(x, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
                 logits = observer.class_logits(x)
                 target = torch.full((len(x),), label, device=device)
                 scores.append(-F.cross_entropy(logits, target, reduction="none").cpu())
