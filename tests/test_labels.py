@@ -127,3 +127,38 @@ def test_label_shards_read_with_numpy_and_zstandard_alone(baseline_run):
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.split("\n")
     assert lines[0].split()[1:] == ["3", str(NUM_CLASSES), "1.0"]
+
+
+def test_random_baseline_run_is_whole_images_in_draw_order(write_job, tmp_path):
+    from pipeline.distill import run_distill
+    from pipeline.select import draw_order
+    from pipeline.source import SampleRef
+
+    job = load_job(write_job(distill={"method": "random", "factor": 1, "crops": 1, "subset": 2, "ipc": 2}))
+    run_distill(job, tmp_path / "rand")
+    ds = DistilledDataset(tmp_path / "rand", normalize=False)
+    assert len(ds) == NUM_CLASSES * 2 and ds[0][0].shape == (3, 32, 32)
+    manifest = json.loads((tmp_path / "rand" / "manifest.json").read_text())
+    for key in ds.keys:  # each image is one whole source image, its largest centred square
+        meta = json.loads(read_member_json(tmp_path / "rand", manifest, key))
+        (cell,) = meta["cells"]
+        w, h = cell["source"]["image_size"]
+        assert cell["source"]["window"][2] == min(w, h)
+    # image 0 of each class is the first in draw order, so slices of a random run are random too
+    ranks = {}
+    for key in ds.keys:
+        meta = json.loads(read_member_json(tmp_path / "rand", manifest, key))
+        ranks[(meta["class"], meta["image_index"])] = draw_order(0, SampleRef(meta["cells"][0]["source"]["key"],
+                                                                                0, 0, 0, 0))
+    for c in range(NUM_CLASSES):
+        assert ranks[(c, 0)] < ranks[(c, 1)]
+
+
+def read_member_json(run, manifest, key):
+    from pipeline.loader import read_samples
+
+    for s in manifest["shards"]:
+        samples = read_samples(run / s["name"])
+        if key in samples:
+            return samples[key]["json"]
+    raise KeyError(key)
