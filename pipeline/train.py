@@ -8,11 +8,12 @@ observer run online on every mixed batch (the authors' way), or from the classes
 
 from __future__ import annotations
 
+import io
 import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -25,6 +26,7 @@ from tqdm import tqdm
 
 from .loader import IMAGENET_MEAN, IMAGENET_STD
 from .select import keyed_u64
+from .shardio import write_bytes_atomic
 
 # The authors' learning rates by student family (DESIGN.md §1).
 LR_BY_FAMILY = (("resnet", 1e-3), ("efficientnet", 2e-3), ("mobilenet", 2.5e-3), ("vgg", 5e-4),
@@ -85,8 +87,7 @@ def normalize_imagenet(x: torch.Tensor) -> torch.Tensor:
 def cutmix(images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
     """CutMix against a permutation of the batch: (mixed images, permutation, lambda = kept area share)."""
     n, _, h, w = images.shape
-    lam = torch.distributions.Beta(1.0, 1.0).sample().item() if generator is None else \
-        torch.rand(1, generator=generator).item()  # Beta(1, 1) is uniform: drawn from the seeded generator
+    lam = torch.rand(1, generator=generator).item()  # Beta(1, 1) is uniform: drawn from the seeded generator
     perm = torch.randperm(n, generator=generator)
     cut = math.sqrt(1.0 - lam)
     cw, ch = int(w * cut), int(h * cut)
@@ -261,14 +262,7 @@ def evaluate(model: nn.Module, val: ValShards, *, batch_size: int = 100, workers
     return Accuracy(correct1 / max(count, 1), correct5 / max(count, 1), count, not duplicate)
 
 
-def recipe_dict(recipe: Recipe) -> dict:
-    return asdict(recipe)
-
-
 def save_student(model: nn.Module, path: Path) -> None:
-    from .shardio import write_bytes_atomic
-    import io
-
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     write_bytes_atomic(path, buf.getvalue())
