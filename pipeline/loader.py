@@ -20,11 +20,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from . import observer
 from .labels import decode_records, softmax, unpack_logits
 from .relabel import View, apply_view, decode_distilled
 
-IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+IMAGENET_MEAN = torch.tensor(observer.IMAGENET_MEAN).view(3, 1, 1)
+IMAGENET_STD = torch.tensor(observer.IMAGENET_STD).view(3, 1, 1)
 
 
 def read_samples(path: Path) -> dict[str, dict[str, bytes]]:

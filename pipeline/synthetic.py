@@ -20,14 +20,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from pipeline.observer import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.shardio import write_bytes_atomic, write_tar
 
 __all__ = ["SHAPES", "BAD_KINDS", "IMAGENET_MEAN", "IMAGENET_STD", "SmallCNN", "make_image", "save_torchscript",
            "train_observer", "write_synthetic_shards"]
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "star", "diamond", "bar")
 BAD_KINDS = ("undecodable", "missing_label", "unknown_class", "bad_label")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 JPEG_QUALITY = 90
 OBSERVER_WIDTH = 16  # 3x cheaper than 32 on CPU, so ~3x more steps in the time budget: better accuracy at 60 s
 
