@@ -31,8 +31,8 @@ from .score import Scorer, score_key_patches
 from .select import draw_order, index_and_draw
 from .shardio import read_member
 from .source import expand_shards, load_classes
-from .write import (MANIFEST_FORMAT, WriteSettings, merge_results, plan_images, write_contact_sheet,
-                    write_distilled, write_json)
+from .write import (MANIFEST_FORMAT, WriteSettings, merge_results, plan_images, remove_previous_run,
+                    write_contact_sheet, write_distilled, write_json)
 
 STAGING = ".rded-staging"
 OUTPUT_FILES = ("manifest.json", "report.json", "samples.tsv", "contact-sheet.png")
@@ -83,9 +83,7 @@ def make_staging(out_dir: Path) -> Path:
 
 def publish(staging: Path, out_dir: Path) -> None:
     """Replace any previous run's outputs with the staged ones, manifest.json last."""
-    (out_dir / "manifest.json").unlink(missing_ok=True)
-    for old in [*out_dir.glob("distilled-*.tar"), *out_dir.glob("labels-*.tar")]:
-        old.unlink()
+    remove_previous_run(out_dir)
     for name in OUTPUT_FILES:
         if name != "manifest.json":
             (out_dir / name).unlink(missing_ok=True)
@@ -237,7 +235,7 @@ def _run(job: JobConfig, out_dir: Path, staging: Path, shards, classes, device: 
         for c in sorted(local_winners):
             for w in local_winners[c]:
                 ledger.record(w.key, shard_name[w.shard], DISTILLED if (w.shard, w.key) in used else SCORED)
-        settings = WriteSettings(cfg.resolution, cfg.factor, cfg.tiers, job.output.shard_size,
+        settings = WriteSettings(cfg.resolution, cfg.factor, job.output.shard_size,
                                  job.output.image_format, job.output.jpeg_quality,
                                  job.output.contact_sheet_classes, job.output.contact_sheet_images)
         stitch_cutter = Cutter(1, batch_size=job.runtime.batch_size, num_threads=job.runtime.dali_threads,

@@ -49,10 +49,6 @@ def tier_layout(tiers: Sequence[int], cells: int, available: int) -> list[list[i
     return layout
 
 
-def tier_of(image_index: int, tiers: Sequence[int]) -> int:
-    return next(t for t in tiers if image_index < t)
-
-
 def cell_boxes(resolution: int, factor: int) -> list[tuple[int, int, int, int]]:
     """(x0, y0, x1, y1) of each cell, row-major; the first rows/columns take the leftover pixels."""
     base, extra = divmod(resolution, factor)
@@ -91,7 +87,6 @@ def plan_images(winners: dict[int, list[ScoredPatch]], tiers: Sequence[int], cel
 class WriteSettings:
     resolution: int
     factor: int
-    tiers: list[int]
     shard_size: int
     image_format: str
     jpeg_quality: int
@@ -269,6 +264,13 @@ def write_contact_sheet(path: Path, thumbnails: dict[tuple[int, int], np.ndarray
     write_bytes_atomic(path, buf.getvalue())
 
 
+def remove_previous_run(out_dir: Path) -> None:
+    """Unmark a finished run first (its manifest), then remove its image and soft-label shards."""
+    (out_dir / "manifest.json").unlink(missing_ok=True)
+    for old in [*out_dir.glob("distilled-*.tar"), *out_dir.glob("labels-*.tar")]:
+        old.unlink()
+
+
 def write_json(path: Path, data: Any) -> None:
     write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
@@ -293,9 +295,7 @@ def slice_distilled(src: Path, ipc: int, out_dir: Path, *, overwrite: bool = Fal
     if (out_dir / "manifest.json").exists() and not overwrite:
         raise FileExistsError(f"{out_dir}: holds a finished run (manifest.json); pass --overwrite")
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "manifest.json").unlink(missing_ok=True)
-    for old in [*out_dir.glob("distilled-*.tar"), *out_dir.glob("labels-*.tar")]:
-        old.unlink()
+    remove_previous_run(out_dir)
     kept = [s for s in manifest["shards"] if s["tier"] <= ipc]
     for name in [n for s in kept for n in (s["name"], (s.get("labels") or {}).get("name")) if n]:
         tmp = out_dir / f".{name}.partial"
