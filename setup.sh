@@ -9,5 +9,5 @@ fi
 # pip's "Location ... is ignored" lines are noise from local mirrors; real errors still stop the script.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]' 2>&1 \
   | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import pipeline, torch, nvidia.dali, webdataset" \
+.venv/bin/python -c "import rded, torch, nvidia.dali, webdataset" \
   || { echo "setup.sh: the install did not complete" >&2; exit 1; }

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -19,18 +20,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import JobConfig, load_job
+from .config import BenchConfig, JobConfig, load_job
+from .distill import run_distill
+from .observer import build_observer
+from .records import SampleRef
 from .report import peak_rss_mib
+from .runtime import resolve_devices
+from .score import Scorer
+from .source import expand_shards, load_classes, scan_shard
+from .tario import read_member
 
 
 def observer_ceiling(job: JobConfig, patches: int = 1024) -> dict[str, float]:
     """Patches/s of the observer alone, on random uint8 patches shaped as the job's."""
-    from .distill import resolve_devices
-    from .observer import build_observer
-    from .score import Scorer
-    from .source import load_classes
-
-    device, _ = resolve_devices(job)
+    device, _ = resolve_devices(job.runtime.device, job.runtime.decoder)
     cfg = job.distill
     observer = build_observer(job, load_classes(job), device)
     scorer = Scorer(observer, mode=cfg.score_mode, resolution=cfg.resolution, score_batch=job.runtime.score_batch,
@@ -51,12 +54,7 @@ def reference_style(job: JobConfig, drawn_keys: dict[int, list[tuple[str, int, i
     from PIL import Image
     from torchvision import transforms
 
-    from .distill import resolve_devices
-    from .observer import build_observer
-    from .shardio import read_member
-    from .source import expand_shards, load_classes
-
-    device, _ = resolve_devices(job)
+    device, _ = resolve_devices(job.runtime.device, job.runtime.decoder)
     cfg = job.distill
     shards = expand_shards(job)
     observer = build_observer(job, load_classes(job), device)
@@ -70,8 +68,6 @@ def reference_style(job: JobConfig, drawn_keys: dict[int, list[tuple[str, int, i
         t0 = time.perf_counter()
         crops = []
         for _, shard, offset, size in refs:
-            import io
-
             image = Image.open(io.BytesIO(read_member(shards[shard].path, offset, size))).convert("RGB")
             crops.extend(to_tensor(crop(image)) for _ in range(cfg.crops))
         batch = torch.stack(crops)
@@ -106,10 +102,8 @@ def reference_style(job: JobConfig, drawn_keys: dict[int, list[tuple[str, int, i
             "stages": {k: {"seconds": round(v, 3)} for k, v in times.items()}, "peak_rss_mib": peak_rss_mib()}
 
 
-def run_bench(job_path: str, overrides: list[str], out_dir: Path, *, reference: bool = True) -> dict[str, Any]:
-    from .distill import run_distill
-
-    job = load_job(job_path, overrides)
+def run_bench(cfg: BenchConfig) -> dict[str, Any]:
+    job, out_dir = load_job(cfg.job, cfg.overrides), cfg.out
     summary = run_distill(job, out_dir / "ours", overwrite=True)
     report = json.loads((out_dir / "ours" / "report.json").read_text())
     stages = report["stages"]
@@ -121,18 +115,18 @@ def run_bench(job_path: str, overrides: list[str], out_dir: Path, *, reference: 
     if torch.cuda.is_available():
         ours["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     ceiling = observer_ceiling(job)
-    result: dict[str, Any] = {"job": job_path, "overrides": overrides, "ours": ours,
+    result: dict[str, Any] = {"job": str(cfg.job), "overrides": cfg.overrides, "ours": ours,
                               "ceiling": {k: round(v, 2) for k, v in ceiling.items()}}
-    if reference:
+    if cfg.reference:
         drawn: dict[int, list] = {}
         for line in (out_dir / "ours" / "samples.tsv").read_text().splitlines()[1:]:
             key, shard, status, _ = line.split("\t")
             if status in ("distilled", "scored"):
                 drawn.setdefault(shard, set()).add(key)
         arg = out_dir / "reference-input.json"
-        arg.write_text(json.dumps({"job": job_path, "overrides": overrides,
+        arg.write_text(json.dumps({"job": str(cfg.job), "overrides": cfg.overrides,
                                    "drawn": {s: sorted(k) for s, k in drawn.items()}}))
-        proc = subprocess.run([sys.executable, "-m", "pipeline.bench", "--reference", str(arg),
+        proc = subprocess.run([sys.executable, "-m", "rded.bench", "--reference", str(arg),
                                str(out_dir / "reference")], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"reference-style baseline failed:\n{proc.stderr[-2000:]}")
@@ -170,7 +164,6 @@ def table(result: dict[str, Any]) -> str:
 def _reference_main(arg: str, out: str) -> None:
     spec = json.loads(Path(arg).read_text())
     job = load_job(spec["job"], spec["overrides"])
-    from .source import SampleRef, expand_shards, scan_shard
 
     shards = expand_shards(job)
     drawn: dict[int, list] = {}

@@ -1,4 +1,5 @@
-"""The `rded` command: distill, slice, demo."""
+"""The `rded` command. Each subcommand turns its flags into typed settings and calls the library; this is
+the only place where errors become messages and exit codes (2 for anything the user can fix)."""
 
 from __future__ import annotations
 
@@ -7,66 +8,71 @@ import os
 import sys
 from pathlib import Path
 
-from .config import JobError, load_job
+from .config import (BenchConfig, DemoConfig, EvalConfig, SliceConfig, TrainObserverConfig, command_config,
+                     load_job)
+from .errors import OptionError, OutputExists, RdedError
 
-EXIT_BAD_JOB = 2
+EXIT_BAD_INPUT = 2
 
 
 def _err(msg: str) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     where = f" (rank {os.environ.get('RANK', '?')} of {world})" if world > 1 else ""
     print(f"rded: error{where}: {msg}", file=sys.stderr)
-    return EXIT_BAD_JOB
+    return EXIT_BAD_INPUT
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
     from .distill import run_distill
 
-    job = load_job(args.job, args.set)
-    summary = run_distill(job, Path(args.out), overwrite=args.overwrite)
+    summary = run_distill(load_job(args.job, args.set), Path(args.out), overwrite=args.overwrite)
     print(f"rded: done: {summary.line()}")
     return 0
 
 
 def cmd_slice(args: argparse.Namespace) -> int:
-    from .write import slice_distilled
+    from .rundir import slice_run
 
-    src = Path(args.dir)
-    if not (src / "manifest.json").is_file():
-        return _err(f"{src}: no manifest.json (not a finished rded run)")
-    try:
-        m = slice_distilled(src, args.ipc, Path(args.out), overwrite=args.overwrite)
-    except (ValueError, FileExistsError) as e:
-        return _err(str(e))
-    print(f"rded: done: IPC {args.ipc}: {m['images']} images in {len(m['shards'])} shards -> {args.out}")
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
-    run_demo(Path(args.out), seconds=args.train_seconds)
+    cfg = command_config(SliceConfig, {"run": args.dir, "ipc": args.ipc, "out": args.out,
+                                       "overwrite": args.overwrite})
+    m = slice_run(cfg.run, cfg.ipc, cfg.out, overwrite=cfg.overwrite)
+    print(f"rded: done: IPC {cfg.ipc}: {m.images} images in {len(m.shards)} shards -> {cfg.out}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import run_eval
 
-    run_eval(args)
+    labels = "online" if args.teacher_online else "hard" if args.hard_labels else "stored"
+    fields = ("distilled", "val", "student", "epochs", "resolution", "batch_size", "lr", "temperature", "schedule",
+              "teacher_job", "seed", "workers", "out")
+    values = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+    run_eval(command_config(EvalConfig, {**values, "labels": labels, "progress": not args.quiet}))
     return 0
 
 
 def cmd_train_observer(args: argparse.Namespace) -> int:
     from .evaluate import run_train_observer
 
-    run_train_observer(args)
+    fields = ("train", "num_classes", "arch", "epochs", "resolution", "batch_size", "lr", "val", "seed", "workers",
+              "out")
+    values = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+    run_train_observer(command_config(TrainObserverConfig, {**values, "progress": not args.quiet}))
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
-    run_bench(args.job, args.set, Path(args.out), reference=not args.no_reference)
+    run_bench(command_config(BenchConfig, {"job": args.job, "overrides": args.set, "out": args.out,
+                                           "reference": not args.no_reference}))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(command_config(DemoConfig, {"out": args.out, "train_steps": args.train_steps}))
     return 0
 
 
@@ -80,63 +86,72 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a job-file value (repeatable); VALUE is read as TOML, else as a string")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
-    p.set_defaults(func=cmd_distill)
+    p.set_defaults(func=cmd_distill, command_parser=p)
 
     p = sub.add_parser("slice", help="the IPC=K set of a larger run, without recomputation")
     p.add_argument("dir", help="a finished run")
     p.add_argument("--ipc", type=int, required=True, help="one of the run's tiers (see its manifest)")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=cmd_slice)
+    p.set_defaults(func=cmd_slice, command_parser=p)
 
     p = sub.add_parser("eval", help="train a student on a distilled run and report validation accuracy")
     p.add_argument("--distilled", required=True, help="a finished run or slice")
     p.add_argument("--val", required=True, action="append", help="validation shard path or brace pattern")
-    p.add_argument("--student", default="resnet18", help="torchvision classification model name")
-    p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--student", default=None, help="torchvision classification model name (default resnet18)")
+    p.add_argument("--epochs", type=int, default=None, help="default 300")
     p.add_argument("--resolution", type=int, default=None, help="training and validation side (default: the run's S)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the authors' (10/50/100 at IPC 1/10/50)")
     p.add_argument("--lr", type=float, default=None, help="default: the authors' for the student family")
-    p.add_argument("--temperature", type=float, default=20.0)
-    p.add_argument("--schedule", choices=["cosine", "authors"], default="cosine",
-                   help="cosine: to 0; authors: their code's cosine that ends at 0.5x")
+    p.add_argument("--temperature", type=float, default=None, help="default 20")
+    p.add_argument("--schedule", choices=["cosine", "authors"], default=None,
+                   help="cosine (default): to 0; authors: their code's cosine that ends at 0.5x")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--teacher-online", action="store_true", help="label every mixed batch with the observer")
     group.add_argument("--hard-labels", action="store_true", help="train on class labels (cross-entropy)")
-    p.add_argument("--job", default=None, help="the job file whose observer --teacher-online runs")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--job", dest="teacher_job", default=None, help="the job file whose observer --teacher-online runs")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None, help="data loader workers (default 2)")
     p.add_argument("--out", default=None, help="also write the result JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=cmd_eval, command_parser=p)
 
     p = sub.add_parser("train-observer", help="train a classifier on full training shards, to use as an observer")
     p.add_argument("--train", required=True, action="append", help="training shard path or brace pattern")
     p.add_argument("--num-classes", type=int, required=True)
-    p.add_argument("--arch", default="resnet18", help="torchvision classification model name")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--resolution", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--arch", default=None, help="torchvision classification model name (default resnet18)")
+    p.add_argument("--epochs", type=int, default=None, help="default 30")
+    p.add_argument("--resolution", type=int, default=None, help="default 224")
+    p.add_argument("--batch-size", type=int, default=None, help="default 64")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--val", action="append", default=None, help="validation shards to report accuracy on")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None)
     p.add_argument("--out", required=True, help="where the state dict goes")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_train_observer)
+    p.set_defaults(func=cmd_train_observer, command_parser=p)
 
     p = sub.add_parser("bench", help="time the job's stages against a reference-style baseline and the observer alone")
     p.add_argument("job", help="job file (TOML)")
     p.add_argument("--out", required=True, help="working directory for the runs and bench.json")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--no-reference", action="store_true", help="skip the reference-style baseline")
-    p.set_defaults(func=cmd_bench)
+    p.set_defaults(func=cmd_bench, command_parser=p)
 
     p = sub.add_parser("demo", help="the whole job on built-in synthetic data (no data or network needed)")
     p.add_argument("--out", default="rded-demo", help="where the demo's data and outputs go (default: rded-demo)")
-    p.add_argument("--train-seconds", type=float, default=60.0, help="observer training time")
-    p.set_defaults(func=cmd_demo)
+    p.add_argument("--train-steps", type=int, default=DemoConfig.model_fields["train_steps"].default,
+                   help="observer training steps (default: %(default)s, about a minute on 2 cores)")
+    p.set_defaults(func=cmd_demo, command_parser=p)
     return parser
+
+
+def _flag(command: argparse.ArgumentParser, option: str) -> str:
+    """The flag of a settings field (e.g. teacher_job -> --job), for error messages."""
+    for action in command._actions:
+        if action.dest == option and action.option_strings:
+            return action.option_strings[0]
+    return option
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,7 +170,11 @@ def _main(argv: list[str] | None = None) -> int:
     exit_cleanly_on_sigterm()
     try:
         return args.func(args)
-    except JobError as e:
+    except OptionError as e:
+        return _err(f"{_flag(args.command_parser, e.option)}: {e.message}")
+    except OutputExists as e:
+        return _err(f"{e}; pass --overwrite to replace it" if e.finished_run else str(e))
+    except RdedError as e:
         return _err(str(e))
     except KeyboardInterrupt:
         print("rded: interrupted; no finished output was left behind", file=sys.stderr)

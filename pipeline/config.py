@@ -1,4 +1,5 @@
-"""The job file: one typed, validated configuration (TOML), with `--set section.key=value` overrides.
+"""Typed, validated configuration: the job file (TOML, with `--set section.key=value` overrides) and the
+settings of every other command (eval, train-observer, bench, demo, slice).
 
 Relative paths in a job file are resolved against the job file's own directory, so a job file can be
 run from anywhere. Every problem is raised as one `JobError` naming the key, before any work starts.
@@ -8,14 +9,11 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
-class JobError(Exception):
-    """A bad job (file, override, input path): reported as one message, exit code 2."""
-
+from .errors import JobError, OptionError
 
 class _Section(BaseModel):
     # Unknown keys are a mistake (a typo would otherwise silently keep a default).
@@ -74,7 +72,7 @@ class DistillConfig(_Section):
 
 
 class ObserverConfig(_Section):
-    kind: Literal["efficientnet-lite0", "torchvision", "torchscript"]
+    kind: str = Field(description="a registered observer (rded.observer.REGISTRY), checked before any work")
     arch: str | None = Field(None, description="torchvision architecture name (kind = torchvision)")
     weights: str | None = Field(None, description="state dict (torchvision) or TorchScript file")
     num_outputs: int | None = Field(None, ge=1, description="observer outputs; default 1000 (torchvision)")
@@ -82,14 +80,6 @@ class ObserverConfig(_Section):
         "auto", description="auto: lite for efficientnet-lite0, imagenet otherwise")
     class_map: Literal["identity", "imagenet_index"] = Field(
         "identity", description="dataset class i -> observer output i, or classes.json's imagenet_index")
-
-    @model_validator(mode="after")
-    def _check(self) -> ObserverConfig:
-        if self.kind == "torchvision" and not self.arch:
-            raise ValueError("observer.kind = 'torchvision' needs observer.arch (e.g. 'resnet18')")
-        if self.kind in ("torchvision", "torchscript") and not self.weights:
-            raise ValueError(f"observer.kind = '{self.kind}' needs observer.weights (a local file)")
-        return self
 
 
 class RelabelConfig(_Section):
@@ -191,3 +181,75 @@ def job_from_dict(raw: dict[str, Any], *, base_dir: Path, overrides: list[str] =
         return JobConfig.model_validate({**raw, "base_dir": str(base_dir)})
     except ValidationError as e:
         raise JobError(_format_validation(e, source)) from None
+
+
+# -- the other commands' settings (the command line fills them from its flags)
+
+class _Command(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_C = TypeVar("_C", bound=_Command)
+
+
+class SliceConfig(_Command):
+    run: Path = Field(description="a finished run")
+    ipc: int = Field(ge=1, description="one of the run's tiers")
+    out: Path
+    overwrite: bool = False
+
+
+class EvalConfig(_Command):
+    distilled: Path = Field(description="a finished run or slice")
+    val: list[str] = Field(min_length=1, description="validation shard paths or brace patterns")
+    student: str = "resnet18"
+    epochs: int = Field(300, ge=1)
+    resolution: int | None = Field(None, ge=8, description="training and validation side; default: the run's S")
+    batch_size: int | None = Field(None, ge=1, description="default: the authors' (10/50/100 at IPC 1/10/50)")
+    lr: float | None = Field(None, gt=0, description="default: the authors' for the student family")
+    temperature: float = Field(20.0, gt=0)
+    schedule: Literal["cosine", "authors"] = "cosine"
+    labels: Literal["stored", "online", "hard"] = "stored"
+    teacher_job: Path | None = Field(None, description="the job file whose observer labels online")
+    seed: int = Field(0, ge=0)
+    workers: int = Field(2, ge=0)
+    out: Path | None = Field(None, description="also write the result JSON here")
+    progress: bool = True
+
+
+class TrainObserverConfig(_Command):
+    train: list[str] = Field(min_length=1, description="training shard paths or brace patterns")
+    num_classes: int = Field(ge=1)
+    arch: str = "resnet18"
+    epochs: int = Field(30, ge=1)
+    resolution: int = Field(224, ge=8)
+    batch_size: int = Field(64, ge=1)
+    lr: float | None = Field(None, gt=0)
+    val: list[str] | None = None
+    seed: int = Field(0, ge=0)
+    workers: int = Field(2, ge=0)
+    out: Path
+    progress: bool = True
+
+
+class BenchConfig(_Command):
+    job: Path
+    overrides: list[str] = []
+    out: Path = Field(description="working directory for the runs and bench.json")
+    reference: bool = Field(True, description="also run the reference-style baseline")
+
+
+class DemoConfig(_Command):
+    out: Path = Path("rded-demo")
+    train_steps: int = Field(600, ge=1, description="observer training steps (a fixed count: reproducible)")
+    seed: int = Field(0, ge=0)
+
+
+def command_config(model: type[_C], values: dict[str, Any]) -> _C:
+    """A command's settings, validated; the first problem is an OptionError naming its field."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        option = str(err["loc"][0]) if err["loc"] else "(settings)"
+        raise OptionError(option, f"{err['msg']} (got {err['input']!r})") from None

@@ -1,19 +1,19 @@
 """`rded demo`: the whole job on built-in synthetic data, no data set or network needed.
 
-Makes shapes-on-clutter shards, trains a small CNN observer for about a minute, writes a real job file,
-runs the job at IPC 10 and slices it to IPC 1. Everything lands in one folder the user can look at.
+Makes shapes-on-clutter shards, trains a small CNN observer for a fixed number of seeded steps (about a
+minute on 2 cores), writes a real job file, runs the job at IPC 10 and slices it to IPC 1. Everything
+lands in one folder the user can look at, and two demos on one machine give identical shards.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
-from .config import load_job
+from .config import DemoConfig, load_job
 from .distill import run_distill
+from .rundir import slice_run
 from .synthetic import save_torchscript, train_observer, write_synthetic_shards
-from .write import slice_distilled
 
 NUM_CLASSES = 6
 PER_CLASS = 120
@@ -32,7 +32,7 @@ crops = 5
 factor = 2
 resolution = {resolution}
 score_mode = "pad"
-seed = 0
+seed = {seed}
 
 [observer]
 kind = "torchscript"
@@ -47,21 +47,23 @@ def log(msg: str) -> None:
     print(f"rded demo: {msg}", file=sys.stderr, flush=True)
 
 
-def run_demo(out: Path, *, seconds: float = 60.0) -> None:
+def run_demo(cfg: DemoConfig) -> None:
     started = time.perf_counter()
+    out = cfg.out
     out.mkdir(parents=True, exist_ok=True)
     log(f"writing {NUM_CLASSES} classes x {PER_CLASS} synthetic images (shapes on clutter) to {out / 'data'}")
-    write_synthetic_shards(out / "data", num_classes=NUM_CLASSES, per_class=PER_CLASS, num_shards=4, seed=0)
-    log(f"training a small CNN observer for {seconds:.0f} s")
-    model = train_observer(NUM_CLASSES, resolution=RESOLUTION, factor=2, seconds=seconds, seed=0, log=log)
+    write_synthetic_shards(out / "data", num_classes=NUM_CLASSES, per_class=PER_CLASS, num_shards=4, seed=cfg.seed)
+    log(f"training a small CNN observer for {cfg.train_steps} steps")
+    model = train_observer(NUM_CLASSES, resolution=RESOLUTION, factor=2, steps=cfg.train_steps, seed=cfg.seed, log=log)
     save_torchscript(model, out / "observer.pt")
     job_path = out / "job.toml"
-    job_path.write_text(JOB.format(resolution=RESOLUTION, progress="true" if sys.stderr.isatty() else "false"))
+    job_path.write_text(JOB.format(resolution=RESOLUTION, seed=cfg.seed,
+                                   progress="true" if sys.stderr.isatty() else "false"))
     log(f"distilling with {job_path}")
     summary = run_distill(load_job(job_path), out / "ipc10", overwrite=True)
     log(summary.line())
-    sliced = slice_distilled(out / "ipc10", 1, out / "ipc1", overwrite=True)
-    log(f"sliced IPC 1 from it: {sliced['images']} images, no recomputation")
+    sliced = slice_run(out / "ipc10", 1, out / "ipc1", overwrite=True)
+    log(f"sliced IPC 1 from it: {sliced.images} images, no recomputation")
     rows = [(out / "ipc10" / "contact-sheet.png", "the distilled images, a row per class"),
             (out / "ipc10" / "distilled-*.tar", "distilled shards (image, .cls, .json provenance)"),
             (out / "ipc10" / "labels-*.tar", "soft labels: 300 training views and 4 regions per image"),

@@ -9,12 +9,16 @@ and output shards are split across ranks. One process is the same code with a wo
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-from .select import keyed_u64
+from .heap import TopK
+from .keyed import keyed_u64
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,17 @@ class Ranks:
         out: list[Any] = [None] * self.world
         dist.all_gather_object(out, obj)
         return out
+
+    def merge_top(self, local: dict[Hashable, list[T]], k: int, order: Callable[[T], Any]) -> dict[Hashable, list[T]]:
+        """Every rank's per-class top-k merged exactly, on every rank: the top-k of a union is the top-k
+        of the parts' top-ks, so the result is the single-process one. Classes in sorted order."""
+        heaps: dict[Hashable, TopK[T]] = {}
+        for part in self.gather(local):
+            for c, items in part.items():
+                heap = heaps.setdefault(c, TopK(k, order))
+                for item in items:
+                    heap.push(item)
+        return {c: heaps[c].finish()[0] for c in sorted(heaps)}
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -1,41 +1,46 @@
-"""The distillation job: source -> select -> decode + crop -> score -> heap -> write.
+"""The distillation job, driven stage by stage (DESIGN.md §2):
 
-Everything that can be wrong with the job is checked before work starts (JobError, exit code 2). All
-outputs are made in a staging folder inside the output directory and moved into place at the end,
-manifest.json last: a directory with a manifest is a finished run.
+    source -> select -> decode + crop -> score -> top-k -> write -> relabel
+
+The stages (rded.source, select, crops, score, heap, write, relabel) know nothing of each other's
+bookkeeping: this driver owns what crosses them, the timings, the ledger (every input sample gets
+exactly one row) and the exact merge of the torchrun ranks' per-class top-ks. Everything that can be
+wrong with the job is checked before work starts; outputs are staged and published by rded.rundir.
 """
 
 from __future__ import annotations
 
-import shutil
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from . import __version__
-from .config import JobConfig, JobError
-from .crops import Cutter, centre_square, crop_window
-from .heap import PerClassTopK, ScoredPatch, best_first
-from .labels import LABELS_FORMAT
-from .observer import build_observer, check_observer
-from .relabel import Relabeler
+from .config import JobConfig
+from .crops import Cutter
 from .dist import Ranks, from_environment, shutdown
-from .report import DISTILLED, SCORED, SKIPPED, Ledger, Timings, concat_ledgers, merge_accounting, peak_rss_mib
-from .score import Scorer, score_key_patches
-from .select import draw_order, index_and_draw
-from .shardio import read_member
-from .source import expand_shards, load_classes
-from .write import (MANIFEST_FORMAT, WriteSettings, merge_results, plan_images, remove_previous_run,
-                    write_contact_sheet, write_distilled, write_json)
-
-STAGING = ".rded-staging"
-OUTPUT_FILES = ("manifest.json", "report.json", "samples.tsv", "contact-sheet.png")
+from .errors import JobError
+from .heap import PerClassTopK
+from .keyed import centre_square, crop_window
+from .observer import Observer, build_observer, check_observer
+from .records import ClassInfo, SampleRef, ScoredPatch, Shard, Skipped, best_first, draw_order
+from .relabel import LabelStats, Relabeler, labels_summary, write_label_shard
+from .report import (DISTILLED, EXCLUDED, NOT_DRAWN, SCORED, SKIPPED, Ledger, Timings, concat_ledgers,
+                     merge_accounting, peak_rss_mib, progress_bar)
+from .rundir import (MANIFEST_FORMAT, STAGING, ClassRecord, Manifest, check_output, discard_staging, make_staging,
+                     publish, write_json)
+from .runtime import resolve_devices
+from .score import Scorer, cut_candidates, key_patches
+from .select import SubsetDraw
+from .source import expand_shards, load_classes, scan_shard
+from .tario import read_member
+from .write import (PlannedImage, WriteResult, WriteSettings, merge_results, output_shards, plan_images, stitch,
+                    write_contact_sheet, write_image_shard)
 
 
 def log(msg: str) -> None:
@@ -50,74 +55,6 @@ def versions() -> dict[str, str]:
     return {"rded": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
             "torchvision": torchvision.__version__, "nvidia-dali": dali.__version__,
             "numpy": np.__version__, "pillow": PIL.__version__}
-
-
-def resolve_devices(job: JobConfig) -> tuple[torch.device, str]:
-    want = job.runtime.device
-    if want == "cuda" and not torch.cuda.is_available():
-        raise JobError("runtime.device = 'cuda' but CUDA is not available on this machine")
-    device = torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
-    decoder = job.runtime.decoder
-    if decoder == "auto":
-        decoder = "mixed" if device.type == "cuda" else "cpu"
-    if decoder == "mixed" and device.type != "cuda":
-        raise JobError("runtime.decoder = 'mixed' needs CUDA")
-    return device, decoder
-
-
-def check_output(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise JobError(f"--out {out_dir}: exists and is not a directory")
-    if (out_dir / "manifest.json").exists() and not overwrite:
-        raise JobError(f"--out {out_dir}: holds a finished run (manifest.json); pass --overwrite to replace it")
-
-
-def make_staging(out_dir: Path) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = out_dir / STAGING
-    if staging.exists():  # left by a crashed run
-        shutil.rmtree(staging)
-    staging.mkdir()
-    return staging
-
-
-def publish(staging: Path, out_dir: Path) -> None:
-    """Replace any previous run's outputs with the staged ones, manifest.json last."""
-    remove_previous_run(out_dir)
-    for name in OUTPUT_FILES:
-        if name != "manifest.json":
-            (out_dir / name).unlink(missing_ok=True)
-    for item in sorted(staging.iterdir()):
-        if item.name != "manifest.json":
-            item.replace(out_dir / item.name)
-    (staging / "manifest.json").replace(out_dir / "manifest.json")
-    staging.rmdir()
-
-
-def progress_bar(job: JobConfig, total: int, what: str, ranks: Ranks) -> tqdm:
-    """Images/s on stderr (the main rank's share when there are several); in logs (not a terminal) a
-    line every 15 s instead of a live bar."""
-    return tqdm(total=total, unit="img", desc=f"rded: {what}", disable=not job.runtime.progress or not ranks.is_main,
-                mininterval=0.5 if sys.stderr.isatty() else 15.0, file=sys.stderr)
-
-
-def labels_summary(job: JobConfig, result, num_classes: int) -> dict[str, Any]:
-    image_bytes = sum(s.bytes for s in result.shards)
-    label_bytes = sum(s.labels["bytes"] for s in result.shards)
-    n = max(result.labels_counted, 1)
-    return {
-        "format": LABELS_FORMAT,
-        "views": job.relabel.views,
-        "regions": job.distill.patches_per_image,
-        "classes": num_classes,
-        "topk": min(job.relabel.topk, num_classes),
-        "bytes": label_bytes,
-        "image_bytes": image_bytes,
-        "bytes_ratio": round(label_bytes / image_bytes, 4) if image_bytes else None,
-        # fidelity of the stored labels: mean KL(stored || exact) over every view and region, in nats
-        "mean_kl_t1": float(f"{result.kl_sums.get(1.0, 0.0) / n:.3e}"),
-        "mean_kl_t20": float(f"{result.kl_sums.get(20.0, 0.0) / n:.3e}"),
-    }
 
 
 @dataclass
@@ -137,168 +74,249 @@ class Summary:
                 f"{self.skipped} samples skipped; output: {self.out_dir}")
 
 
+@dataclass
+class Run:
+    """What every stage of one run (or one rank of it) shares."""
+
+    job: JobConfig
+    out_dir: Path
+    shards: list[Shard]
+    classes: list[ClassInfo] | None
+    device: torch.device
+    decoder: str
+    ranks: Ranks
+    started: float
+    timings: Timings = field(default_factory=Timings)
+    class_names: dict[int, str] = field(default_factory=dict)
+    wanted: set[int] = field(default_factory=set)
+    ledger: Ledger | None = None
+
+    @property
+    def staging(self) -> Path:
+        return self.out_dir / STAGING
+
+    def record(self, item: SampleRef | ScoredPatch | Skipped, status: str, reason: str = "") -> None:
+        self.ledger.record(item.key, self.shards[item.shard].name, status, reason)
+
+    def cutter(self, crops: int) -> Cutter:
+        return Cutter(crops, batch_size=self.job.runtime.batch_size, num_threads=self.job.runtime.dali_threads,
+                      decoder=self.decoder, device_id=self.ranks.local_rank if self.device.type == "cuda" else None)
+
+    def progress(self, total: int, what: str):
+        """Images/s on stderr (the main rank's share when there are several)."""
+        return progress_bar(total, what, enabled=self.job.runtime.progress and self.ranks.is_main)
+
+
 def run_distill(job: JobConfig, out_dir: Path, *, overwrite: bool = False) -> Summary:
     """Run a job, in this process or as one rank of a torchrun launch (detected from the environment)."""
     started = time.perf_counter()
-    # -- checks: every failure here is a JobError before any work (on every rank alike)
+    # -- checks: every failure here is an error before any work (on every rank alike)
     shards = expand_shards(job)
     classes = load_classes(job)
     check_observer(job, classes)
-    device, decoder = resolve_devices(job)
+    device, decoder = resolve_devices(job.runtime.device, job.runtime.decoder)
     check_output(out_dir, overwrite)
     ranks = from_environment(len(shards), use_cuda=device.type == "cuda")
     if device.type == "cuda":
         device = torch.device("cuda", ranks.local_rank)
-    staging = out_dir / STAGING
     try:
         if ranks.is_main:
             make_staging(out_dir)
         ranks.barrier()
-        return _run(job, out_dir, staging, shards, classes, device, decoder, ranks, started)
+        return _distill(Run(job, out_dir, shards, classes, device, decoder, ranks, started))
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)  # nothing half-made stays behind
+        discard_staging(out_dir)  # nothing half-made stays behind
         raise
     finally:
         shutdown(ranks)
 
 
-def _run(job: JobConfig, out_dir: Path, staging: Path, shards, classes, device: torch.device, decoder: str,
-         ranks: Ranks, started: float) -> Summary:
-    cfg = job.distill
-    timings = Timings()
-    with timings.stage("observer_load", items=1, unit="models"):
-        observer = build_observer(job, classes, device)
-    num_classes = len(observer.output_index)
-    class_names = {c.index: c.name for c in classes} if classes else {i: str(i) for i in range(num_classes)}
-    wanted = set(job.data.class_subset) if job.data.class_subset is not None else set(range(num_classes))
-    unknown_subset = sorted(wanted - set(range(num_classes)))
-    if unknown_subset:
-        raise JobError(f"data.class_subset: no such classes {unknown_subset[:5]} (the data set has {num_classes})")
-
-    ledger_path = staging / ("samples.tsv" if ranks.world == 1 else f".samples.rank{ranks.rank}.tsv")
-    ledger = Ledger(ledger_path)
-    shard_name = [s.name for s in shards]
-    dali_device = ranks.local_rank if device.type == "cuda" else None
+def _distill(run: Run) -> Summary:
+    cfg = run.job.distill
+    with run.timings.stage("observer_load", items=1, unit="models"):
+        observer = build_observer(run.job, run.classes, run.device)
+    set_classes(run, observer)
+    ledger_name = "samples.tsv" if run.ranks.world == 1 else f".samples.rank{run.ranks.rank}.tsv"
+    run.ledger = Ledger(run.staging / ledger_name)
     try:
-        # -- source + select: one header walk per shard, bounded memory (classes x subset)
-        t0 = time.perf_counter()
-        drawn, seen, drawn_count = index_and_draw(shards, seed=cfg.seed, subset=cfg.subset,
-                                                  num_classes=num_classes, wanted=wanted, ledger=ledger,
-                                                  ranks=ranks)
-        timings.add("source_select", time.perf_counter() - t0, seen)
-        if ranks.is_main:
-            log(f"{len(shards)} shards, {seen} samples indexed; {sum(drawn_count.values())} drawn "
-                f"({cfg.subset} per class at most, {len(drawn_count)} classes)"
-                + (f"; {ranks.world} ranks" if ranks.world > 1 else ""))
-
-        # -- decode + crop, score, key patch per image, per-class ranking
-        cells = cfg.patches_per_image
-        if cfg.method == "rded":
-            window, order = crop_window, best_first
-        else:  # the baseline: whole images, ranked in draw order so that its slices are random too
-            window, order = centre_square, lambda p: draw_order(cfg.seed, p)
-        ranking: PerClassTopK[ScoredPatch] = PerClassTopK(cells * cfg.ipc, order=order, class_of=lambda p: p.label)
+        drawn, drawn_count = source_and_select(run)
         scorer = Scorer(observer, mode=cfg.score_mode, resolution=cfg.resolution,
-                        score_batch=job.runtime.score_batch, decimals=cfg.score_decimals)
-        cutter = Cutter(cfg.crops, batch_size=job.runtime.batch_size, num_threads=job.runtime.dali_threads,
-                        decoder=decoder, device_id=dali_device)
-        bar = progress_bar(job, len(drawn), "scoring", ranks)
-        scored_count = 0
-        for start in range(0, len(drawn), job.runtime.batch_size):
-            batch = drawn[start:start + job.runtime.batch_size]
-            key_patches, undecodable = score_key_patches(
-                batch, lambda r: read_member(shards[r.shard].path, r.offset, r.size), cutter, scorer,
-                seed=cfg.seed, crops=cfg.crops, patch_size=cfg.patch_size, window=window, timings=timings)
-            for ref in undecodable:
-                ledger.record(ref.key, shard_name[ref.shard], SKIPPED, "undecodable")
-            t0 = time.perf_counter()
-            for patch in key_patches:
-                for d in ranking.push(patch):
-                    ledger.record(d.key, shard_name[d.shard], SCORED)
-            timings.add("heap", time.perf_counter() - t0, len(key_patches))
-            scored_count += len(key_patches)
-            bar.update(len(batch))
-        bar.close()
-        local_winners, dropped_patches = ranking.finish()
-        for d in dropped_patches:
-            ledger.record(d.key, shard_name[d.shard], SCORED)
-        # exact merge of the ranks' heaps: every rank gets the single-process winners
-        merged: PerClassTopK[ScoredPatch] = PerClassTopK(cells * cfg.ipc, order=order, class_of=lambda p: p.label)
-        for part in ranks.gather(local_winners):
-            for patches in part.values():
-                merged.push_all(patches)
-        winners, _ = merged.finish()
-
-        # -- write: stitch the winners, shards, contact sheet
-        plan = plan_images(winners, cfg.tiers, cells)
-        used = {(p_.shard, p_.key) for image in plan for _, p_ in image.patches}
+                        score_batch=run.job.runtime.score_batch, decimals=cfg.score_decimals)
+        window, order = ((crop_window, best_first) if cfg.method == "rded"  # the baseline: whole images, ranked
+                         else (centre_square, lambda p: draw_order(cfg.seed, p)))  # in draw order (random slices)
+        local_winners, scored = decode_crop_score(run, drawn, scorer, window, order)
+        winners = run.ranks.merge_top(local_winners, cfg.patches_per_image * cfg.ipc, order)
+        plan = plan_images(winners, cfg.tiers, cfg.patches_per_image)
+        used = {(p.shard, p.key) for image in plan for _, p in image.patches}
         for c in sorted(local_winners):
             for w in local_winners[c]:
-                ledger.record(w.key, shard_name[w.shard], DISTILLED if (w.shard, w.key) in used else SCORED)
-        settings = WriteSettings(cfg.resolution, cfg.factor, job.output.shard_size,
-                                 job.output.image_format, job.output.jpeg_quality,
-                                 job.output.contact_sheet_classes, job.output.contact_sheet_images)
-        stitch_cutter = Cutter(1, batch_size=job.runtime.batch_size, num_threads=job.runtime.dali_threads,
-                               decoder=decoder, device_id=dali_device)
+                run.record(w, DISTILLED if (w.shard, w.key) in used else SCORED)
         relabeler = None
-        if job.relabel.enabled:
-            relabeler = Relabeler(scorer, seed=cfg.seed, views=job.relabel.views, resolution=cfg.resolution,
-                                  factor=cfg.factor, topk=job.relabel.topk)
-        t0 = time.perf_counter()
-        bar = progress_bar(job, len(plan), "writing + relabelling" if relabeler else "writing", ranks)
-        mine = write_distilled(staging, plan, shards, class_names, settings, stitch_cutter, relabeler,
-                               on_image=bar.update, owns_output=ranks.owns_output)
-        bar.close()
-        timings.add("stitch_write", time.perf_counter() - t0 - mine.relabel_seconds, len(plan))
-        if relabeler is not None:
-            timings.add("relabel", mine.relabel_seconds, len(plan) * (job.relabel.views + cells), unit="labels")
+        if run.job.relabel.enabled:
+            relabeler = Relabeler(scorer, seed=cfg.seed, views=run.job.relabel.views, resolution=cfg.resolution,
+                                  factor=cfg.factor, topk=run.job.relabel.topk)
+        written, label_stats = write_and_relabel(run, plan, relabeler)
     finally:
-        ledger.close()
+        run.ledger.close()
+    return finish(run, written, label_stats, relabeler, drawn_count, scored)
 
-    # -- every rank has written its part; the main rank writes the run's records and publishes it
-    result = merge_results(ranks.gather(mine))
-    accounting = merge_accounting(ranks.gather(ledger.summary()))
-    scored_count = sum(ranks.gather(scored_count))
-    seconds = time.perf_counter() - started
-    summary = Summary(out_dir, sum(s.samples for s in result.shards), len(result.shards), len(wanted),
-                      scored_count, sum(accounting[SKIPPED].values()), seconds)
+
+def set_classes(run: Run, observer: Observer) -> None:
+    num_classes = len(observer.output_index)
+    run.class_names = ({c.index: c.name for c in run.classes} if run.classes
+                       else {i: str(i) for i in range(num_classes)})
+    subset = run.job.data.class_subset
+    run.wanted = set(subset) if subset is not None else set(range(num_classes))
+    unknown = sorted(run.wanted - set(range(num_classes)))
+    if unknown:
+        raise JobError(f"data.class_subset: no such classes {unknown[:5]} (the data set has {num_classes})")
+
+
+def source_and_select(run: Run) -> tuple[list[SampleRef], dict[int, int]]:
+    """One header walk per shard this rank owns, and the per-class bottom-k draw, merged across ranks.
+
+    Returns this rank's drawn samples in reading order (shard name, offset): sequential within a shard,
+    and the same whatever order the job lists its shards in; and the drawn count per class, all ranks.
+    """
+    cfg, ranks, num_classes = run.job.distill, run.ranks, len(run.class_names)
+    t0 = time.perf_counter()
+    draw = SubsetDraw(cfg.seed, cfg.subset)
+    seen = 0
+    for i in ranks.shard_indices(len(run.shards)):
+        for rec in scan_shard(i, run.shards[i].path):
+            if not ranks.owns_sample(i, rec.key):
+                continue
+            seen += 1
+            if isinstance(rec, Skipped):
+                run.record(rec, SKIPPED, rec.reason)
+            elif not 0 <= rec.label < num_classes:
+                run.record(rec, SKIPPED, "unknown_class")
+            elif rec.label not in run.wanted:
+                run.record(rec, EXCLUDED)
+            else:
+                for r in draw.offer(rec):
+                    run.record(r, NOT_DRAWN)
+    local, dropped = draw.finish()
+    for r in dropped:
+        run.record(r, NOT_DRAWN)
+    drawn = ranks.merge_top(local, cfg.subset, draw.order)
+    drawn_ids = {(r.shard, r.key) for refs in drawn.values() for r in refs}
+    mine = []
+    for r in (r for refs in local.values() for r in refs):
+        if (r.shard, r.key) in drawn_ids:
+            mine.append(r)
+        else:
+            run.record(r, NOT_DRAWN)
+    mine.sort(key=lambda r: (run.shards[r.shard].name, r.offset))
+    seen_all = sum(ranks.gather(seen))
+    run.timings.add("source_select", time.perf_counter() - t0, seen_all)
+    if ranks.is_main:
+        log(f"{len(run.shards)} shards, {seen_all} samples indexed; {sum(len(v) for v in drawn.values())} drawn "
+            f"({cfg.subset} per class at most, {len(drawn)} classes)"
+            + (f"; {ranks.world} ranks" if ranks.world > 1 else ""))
+    return mine, {c: len(v) for c, v in drawn.items()}
+
+
+def decode_crop_score(run: Run, drawn: list[SampleRef], scorer: Scorer, window: Callable,
+                      order: Callable) -> tuple[dict[Any, list[ScoredPatch]], int]:
+    """Decode + crop K candidates per drawn image, score them, keep each image's best, and keep each
+    class's best N x IPC in a top-k. Returns (this rank's per-class top-k, images scored by all ranks)."""
+    cfg, runtime = run.job.distill, run.job.runtime
+    ranking: PerClassTopK[ScoredPatch] = PerClassTopK(cfg.patches_per_image * cfg.ipc, order=order,
+                                                      class_of=lambda p: p.label)
+    cutter = run.cutter(cfg.crops)
+    bar = run.progress(len(drawn), "scoring")
+    scored = 0
+    for start in range(0, len(drawn), runtime.batch_size):
+        batch = drawn[start:start + runtime.batch_size]
+        with run.timings.stage("decode_crop", len(batch)):
+            candidates, undecodable = cut_candidates(
+                batch, lambda r: read_member(run.shards[r.shard].path, r.offset, r.size), cutter,
+                seed=cfg.seed, crops=cfg.crops, patch_size=cfg.patch_size, window=window)
+        with run.timings.stage("score", len(candidates.images) * cfg.crops, unit="patches"):
+            best = key_patches(candidates, scorer)
+        for ref in undecodable:
+            run.record(ref, SKIPPED, "undecodable")
+        with run.timings.stage("heap", len(best)):
+            for patch in best:
+                for d in ranking.push(patch):
+                    run.record(d, SCORED)
+        scored += len(best)
+        bar.update(len(batch))
+    bar.close()
+    local_winners, dropped = ranking.finish()
+    for d in dropped:
+        run.record(d, SCORED)
+    return local_winners, sum(run.ranks.gather(scored))
+
+
+def write_and_relabel(run: Run, plan: list[PlannedImage], relabeler: Relabeler | None) -> tuple[WriteResult, LabelStats]:
+    """Stitch the planned images of the output shards this rank owns, write them, and label each shard's
+    images from their stored bytes. Returns every rank's results, merged."""
+    out, cfg = run.job.output, run.job.distill
+    settings = WriteSettings(cfg.resolution, cfg.factor, out.shard_size, out.image_format, out.jpeg_quality,
+                             out.contact_sheet_classes, out.contact_sheet_images)
+    cutter = run.cutter(1)
+    result, stats = WriteResult(), LabelStats()
+    bar = run.progress(len(plan), "writing + relabelling" if relabeler else "writing")
+    relabel_seconds, started = 0.0, time.perf_counter()
+    for shard_no, chunk in enumerate(output_shards(plan, out.shard_size)):
+        if not run.ranks.owns_output(shard_no):
+            continue
+        samples = stitch(chunk, run.shards, run.class_names, settings, cutter, result,
+                         on_image=bar.update if relabeler is None else lambda n: None)
+        record = write_image_shard(run.staging, shard_no, chunk[0].tier, samples)
+        if relabeler is not None:
+            t0 = time.perf_counter()
+            record.labels = write_label_shard(run.staging, shard_no, samples, out.image_format, relabeler, stats,
+                                              on_image=bar.update)
+            relabel_seconds += time.perf_counter() - t0
+        result.shards.append(record)
+    bar.close()
+    run.timings.add("stitch_write", time.perf_counter() - started - relabel_seconds, len(plan))
+    if relabeler is not None:
+        run.timings.add("relabel", relabel_seconds, len(plan) * (relabeler.views + cfg.patches_per_image),
+                        unit="labels")
+    return merge_results(run.ranks.gather(result)), LabelStats.merge(run.ranks.gather(stats))
+
+
+def finish(run: Run, result: WriteResult, label_stats: LabelStats, relabeler: Relabeler | None,
+           drawn_count: dict[int, int], scored: int) -> Summary:
+    """The run's records (manifest, report, ledger, contact sheet), written and published by the main rank."""
+    cfg, ranks = run.job.distill, run.ranks
+    accounting = merge_accounting(ranks.gather(run.ledger.summary()))
+    seconds = time.perf_counter() - run.started
+    summary = Summary(run.out_dir, sum(s.samples for s in result.shards), len(result.shards), len(run.wanted),
+                      scored, sum(accounting[SKIPPED].values()), seconds)
     if not ranks.is_main:
         return summary
     if ranks.world > 1:
-        concat_ledgers([staging / f".samples.rank{r}.tsv" for r in range(ranks.world)], staging / "samples.tsv")
-    write_contact_sheet(staging / "contact-sheet.png", result.thumbnails)
-    short = {class_names[c]: n for c, n in ((c, result.images_per_class.get(c, 0)) for c in sorted(wanted))
-             if n < cfg.ipc}
+        concat_ledgers([run.staging / f".samples.rank{r}.tsv" for r in range(ranks.world)],
+                       run.staging / "samples.tsv")
+    write_contact_sheet(run.staging / "contact-sheet.png", result.thumbnails)
+    per_class = {c: result.images_per_class.get(c, 0) for c in sorted(run.wanted)}
+    short = {run.class_names[c]: n for c, n in per_class.items() if n < cfg.ipc}
     if short:
         log(f"warning: {len(short)} classes have fewer than ipc={cfg.ipc} images (too few decodable samples): "
             + ", ".join(f"{k}: {v}" for k, v in list(short.items())[:10]))
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "versions": versions(),
-        "job": job.public_dict(),
-        "device": device.type,
-        "decoder": decoder,
-        "ipc": cfg.ipc,
-        "tiers": cfg.tiers,
-        "images": summary.images,
-        "classes": [{"index": c, "name": class_names[c], "drawn": drawn_count.get(c, 0),
-                     "images": result.images_per_class.get(c, 0)} for c in sorted(wanted)],
-        "shards": [vars(s) for s in result.shards],
-    }
+    manifest = Manifest(
+        format=MANIFEST_FORMAT, versions=versions(), job=run.job.public_dict(), device=run.device.type,
+        decoder=run.decoder, ipc=cfg.ipc, tiers=cfg.tiers, images=summary.images,
+        classes=[ClassRecord(c, run.class_names[c], drawn_count.get(c, 0), n) for c, n in per_class.items()],
+        shards=result.shards)
     if relabeler is not None:
-        manifest["labels"] = labels_summary(job, result, num_classes)
-    report = {
+        manifest.labels = labels_summary(relabeler, label_stats, sum(s.bytes for s in result.shards),
+                                         sum(s.labels["bytes"] for s in result.shards))
+    write_json(run.staging / "report.json", {
         "seconds": round(seconds, 3),
         "peak_rss_mib": round(peak_rss_mib(), 1),
-        "device": device.type,
-        "decoder": decoder,
+        "device": run.device.type,
+        "decoder": run.decoder,
         "ranks": ranks.world,
-        "stages": timings.as_dict(),
+        "stages": run.timings.as_dict(),
         "accounting": accounting,
         "short_classes": short,
-        "end_to_end_images_per_s": round(scored_count / seconds, 2) if seconds else None,
-    }
-    write_json(staging / "report.json", report)
-    write_json(staging / "manifest.json", manifest)
-    publish(staging, out_dir)
+        "end_to_end_images_per_s": round(scored / seconds, 2) if seconds else None,
+    })
+    publish(run.out_dir, manifest)
     return summary

@@ -1,4 +1,5 @@
-"""`rded eval`: train a student on a distilled run and report top-1 / top-5 on validation shards."""
+"""`rded eval`: train a student on a distilled run and report top-1 / top-5 on validation shards; and
+`rded train-observer`: train a classifier on full shards to serve as an observer."""
 
 from __future__ import annotations
 
@@ -12,39 +13,38 @@ from typing import Any
 import torch
 from braceexpand import braceexpand
 
-from .config import JobError, load_job
+from .config import EvalConfig, TrainObserverConfig, job_from_dict, load_job
+from .errors import OptionError
 from .loader import DistilledDataset
-from .shardio import write_bytes_atomic
-from .train import Recipe, ValShards, default_batch_size, default_lr, evaluate, train_student
+from .observer import build_observer, check_observer
+from .rundir import read_manifest, write_json
+from .source import load_classes, scan_shard
+from .train import (Recipe, TrainShards, ValShards, build_student, default_batch_size, default_lr, evaluate,
+                    save_student, train_student)
 
 
-def expand_urls(patterns: list[str]) -> list[str]:
+def expand_urls(option: str, patterns: list[str]) -> list[str]:
     urls = [u for p in patterns for u in braceexpand(p)]
     missing = [u for u in urls if not Path(u).is_file()]
     if missing:
-        raise JobError(f"--val: shard not found: {', '.join(missing[:5])}")
+        raise OptionError(option, f"shard not found: {', '.join(missing[:5])}")
     return urls
 
 
 def count_samples(urls: list[str]) -> int:
     """Samples in the shards by their own headers, to report how many evaluation could not use."""
-    from .source import scan_shard
-
     return sum(1 for i, u in enumerate(urls) for _ in scan_shard(i, Path(u)))
 
 
-def online_teacher(run_dir: Path, job_path: str | None):
-    """The observer as a function of a uint8 batch, from --job or (no weights file needed) the run's own job."""
-    from .config import job_from_dict
-    from .observer import build_observer, check_observer
-    from .source import load_classes
-
+def online_teacher(run_dir: Path, job_path: Path | None, manifest_job: dict[str, Any]):
+    """The observer as a function of a uint8 batch, from the teacher's job file or (when the observer
+    needs no files) the run's own job."""
     if job_path:
         job = load_job(job_path)
     else:
-        manifest_job = json.loads((run_dir / "manifest.json").read_text())["job"]
         if manifest_job["observer"].get("weights") or manifest_job["data"].get("classes"):
-            raise JobError("--teacher-online: pass --job JOB.toml so the observer's files can be found")
+            raise OptionError("teacher_job", "the observer's files cannot be found from the run alone: "
+                                             "give the job file it was distilled with")
         job = job_from_dict(manifest_job, base_dir=run_dir)
     classes = load_classes(job)
     check_observer(job, classes)
@@ -56,74 +56,68 @@ def online_teacher(run_dir: Path, job_path: str | None):
     return teacher
 
 
-def run_eval(args) -> dict[str, Any]:
-    run_dir = Path(args.distilled)
-    if not (run_dir / "manifest.json").is_file():
-        raise JobError(f"--distilled {run_dir}: no manifest.json (not a finished rded run)")
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    urls = expand_urls(args.val)
-    labels = "online" if args.teacher_online else "hard" if args.hard_labels else "stored"
-    resolution = args.resolution or manifest["job"]["distill"]["resolution"]
-    train_set = DistilledDataset(run_dir, temperature=args.temperature, normalize=False, resolution=resolution,
-                                 label="soft" if labels == "stored" else "class")
+def run_eval(cfg: EvalConfig) -> dict[str, Any]:
+    manifest = read_manifest(cfg.distilled)
+    urls = expand_urls("val", cfg.val)
+    resolution = cfg.resolution or manifest.resolution
+    train_set = DistilledDataset(cfg.distilled, temperature=cfg.temperature, normalize=False, resolution=resolution,
+                                 label="soft" if cfg.labels == "stored" else "class")
     num_classes = train_set.num_classes
-    recipe = Recipe(student=args.student, epochs=args.epochs, resolution=resolution,
-                    batch_size=args.batch_size or default_batch_size(manifest["ipc"], num_classes),
-                    lr=args.lr or default_lr(args.student), temperature=args.temperature, schedule=args.schedule,
-                    labels=labels, seed=args.seed, workers=args.workers)
-    teacher = online_teacher(run_dir, args.job) if labels == "online" else None
+    recipe = Recipe(student=cfg.student, epochs=cfg.epochs, resolution=resolution,
+                    batch_size=cfg.batch_size or default_batch_size(manifest.ipc, num_classes),
+                    lr=cfg.lr or default_lr(cfg.student), temperature=cfg.temperature, schedule=cfg.schedule,
+                    labels=cfg.labels, seed=cfg.seed, workers=cfg.workers)
+    teacher = online_teacher(cfg.distilled, cfg.teacher_job, manifest.job) if cfg.labels == "online" else None
     started = time.perf_counter()
-    model = train_student(train_set, num_classes, recipe, teacher=teacher, progress=not args.quiet)
+    model = train_student(train_set, num_classes, recipe, teacher=teacher, progress=cfg.progress)
     trained = time.perf_counter() - started
-    accuracy = evaluate(model, ValShards(urls, num_classes, resolution), workers=args.workers)
-    in_shards = count_samples(urls)
+    accuracy = evaluate(model, ValShards(urls, num_classes, resolution), workers=cfg.workers)
     result = {
-        "distilled": str(run_dir),
-        "ipc": manifest["ipc"],
+        "distilled": str(cfg.distilled),
+        "ipc": manifest.ipc,
         "images": len(train_set),
         "classes": num_classes,
-        "labels": labels,
+        "labels": cfg.labels,
         "recipe": asdict(recipe),
         "top1": round(accuracy.top1, 4),
         "top5": round(accuracy.top5, 4),
         "val_samples": accuracy.count,
-        "val_skipped": in_shards - accuracy.count,
+        "val_skipped": count_samples(urls) - accuracy.count,
         "train_seconds": round(trained, 1),
         "seconds": round(time.perf_counter() - started, 1),
     }
-    if args.out:
-        write_bytes_atomic(Path(args.out), (json.dumps(result, indent=2, sort_keys=True) + "\n").encode())
+    if cfg.out:
+        write_json(cfg.out, result)
     print(json.dumps(result, sort_keys=True))
-    print(f"rded eval: {recipe.student} on {run_dir} (IPC {result['ipc']}, {result['images']} images, "
-          f"{labels} labels, {recipe.epochs} epochs at {resolution} px): top-1 {100 * accuracy.top1:.1f} %, "
+    print(f"rded eval: {recipe.student} on {cfg.distilled} (IPC {result['ipc']}, {result['images']} images, "
+          f"{cfg.labels} labels, {recipe.epochs} epochs at {resolution} px): top-1 {100 * accuracy.top1:.1f} %, "
           f"top-5 {100 * accuracy.top5:.1f} % on {accuracy.count} validation images; "
           f"{result['seconds']:.0f} s", file=sys.stderr)
     return result
 
 
-def run_train_observer(args) -> dict[str, Any]:
+def run_train_observer(cfg: TrainObserverConfig) -> dict[str, Any]:
     """Train a torchvision classifier on full training shards (cross-entropy), to serve as an observer."""
-    from .train import TrainShards, build_student, save_student
-
-    urls = expand_urls(args.train)
+    urls = expand_urls("train", cfg.train)
+    val_urls = expand_urls("val", cfg.val) if cfg.val else None
     try:
-        build_student(args.arch, args.num_classes)
+        build_student(cfg.arch, cfg.num_classes)
     except ValueError as e:
-        raise JobError(f"--arch: {e}") from None
-    recipe = Recipe(student=args.arch, epochs=args.epochs, resolution=args.resolution, batch_size=args.batch_size,
-                    lr=args.lr or default_lr(args.arch), labels="hard", seed=args.seed, workers=args.workers)
+        raise OptionError("arch", str(e)) from None
+    recipe = Recipe(student=cfg.arch, epochs=cfg.epochs, resolution=cfg.resolution, batch_size=cfg.batch_size,
+                    lr=cfg.lr or default_lr(cfg.arch), labels="hard", seed=cfg.seed, workers=cfg.workers)
     started = time.perf_counter()
-    model = train_student(TrainShards(urls, args.num_classes, args.resolution, seed=args.seed), args.num_classes, recipe,
-                          progress=not args.quiet)
-    save_student(model, Path(args.out))
-    result = {"weights": args.out, "arch": args.arch, "num_outputs": args.num_classes, "recipe": asdict(recipe),
+    model = train_student(TrainShards(urls, cfg.num_classes, cfg.resolution, seed=cfg.seed), cfg.num_classes,
+                          recipe, progress=cfg.progress)
+    save_student(model, cfg.out)
+    result = {"weights": str(cfg.out), "arch": cfg.arch, "num_outputs": cfg.num_classes, "recipe": asdict(recipe),
               "train_seconds": round(time.perf_counter() - started, 1)}
-    if args.val:
-        acc = evaluate(model, ValShards(expand_urls(args.val), args.num_classes, args.resolution),
-                       workers=args.workers)
+    if val_urls:
+        acc = evaluate(model, ValShards(val_urls, cfg.num_classes, cfg.resolution), workers=cfg.workers)
         result.update(top1=round(acc.top1, 4), top5=round(acc.top5, 4), val_samples=acc.count)
     print(json.dumps(result, sort_keys=True))
-    print(f"rded train-observer: wrote {args.out}; use it in a job file as\n"
-          f'  [observer]\n  kind = "torchvision"\n  arch = "{args.arch}"\n  weights = "{args.out}"\n'
-          f"  num_outputs = {args.num_classes}", file=sys.stderr)
+    print(f"rded train-observer: wrote {cfg.out}; use it in a job file as\n"
+          f'  [observer]\n  kind = "torchvision"\n  arch = "{cfg.arch}"\n  weights = "{cfg.out}"\n'
+          f"  num_outputs = {cfg.num_classes}", file=sys.stderr)
     return result
+

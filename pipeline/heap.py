@@ -8,7 +8,6 @@ Merging is exact: the top-k of a union is the top-k of the parts' top-ks.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable
-from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -75,22 +74,3 @@ class PerClassTopK(Generic[T]):
             dropped.extend(d)
         return kept, dropped
 
-
-@dataclass(frozen=True, slots=True)
-class ScoredPatch:
-    """A key patch: the best crop of one drawn image, and where to find it again."""
-
-    score: float  # rounded log-probability of the true class
-    key: str
-    label: int
-    shard: int
-    offset: int
-    size: int
-    crop_index: int
-    window: tuple[int, int, int, int]  # x, y, w, h in source pixels
-    image_size: tuple[int, int]  # W, H
-
-
-def best_first(p: ScoredPatch) -> tuple[float, str]:
-    """Higher score first; equal (rounded) scores broken by sample key, so no order is left to chance."""
-    return (-p.score, p.key)

@@ -1,5 +1,7 @@
 """What a user's own PyTorch training loop imports: distilled images with their stored soft labels.
 
+    from rded import DistilledDataset
+
     ds = DistilledDataset("out/ipc10", temperature=20.0)
     for epoch in range(epochs):
         ds.set_epoch(epoch)                       # before the DataLoader starts its workers
@@ -7,36 +9,23 @@
             ...
 
 Item i at epoch e is image i after its stored view number e mod V (the exact view the observer labelled)
-and the observer's probabilities for that view at the chosen temperature. Reads a full run or a slice.
+and the observer's probabilities for that view at the chosen temperature. Reads a full run or a slice,
+checking every shard against the sha256 in its manifest. Imports only numpy, zstandard, torch and Pillow.
 """
 
 from __future__ import annotations
 
-import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from . import observer
+from .errors import RunError
+from .geometry import View, apply_view, decode_distilled
 from .labels import decode_records, softmax, unpack_logits
-from .relabel import View, apply_view, decode_distilled
-
-IMAGENET_MEAN = torch.tensor(observer.IMAGENET_MEAN).view(3, 1, 1)
-IMAGENET_STD = torch.tensor(observer.IMAGENET_STD).view(3, 1, 1)
-
-
-def read_samples(path: Path) -> dict[str, dict[str, bytes]]:
-    """A WebDataset shard's samples: key -> {extension: bytes}."""
-    samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path) as tar:
-        for member in tar:
-            if member.isfile():
-                key, ext = member.name.split(".", 1)
-                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    return samples
+from .normalization import IMAGENET
+from .rundir import read_manifest, read_verified
 
 
 def stored_view(record: np.void) -> View:
@@ -56,29 +45,29 @@ class DistilledDataset(Dataset):
     def __init__(self, run_dir: str | Path, *, epoch: int = 0, temperature: float = 1.0, normalize: bool = True,
                  resolution: int | None = None, label: str = "soft"):
         run_dir = Path(run_dir)
-        manifest = json.loads((run_dir / "manifest.json").read_text())
-        if "labels" not in manifest:
-            raise ValueError(f"{run_dir}: this run has no soft labels (relabel.enabled was false)")
+        manifest = read_manifest(run_dir)
+        if manifest.labels is None:
+            raise RunError(f"{run_dir}: this run has no soft labels (relabel.enabled was false)")
         if label not in ("soft", "class"):
             raise ValueError(f"label must be 'soft' or 'class', not {label!r}")
         self.label = label
-        self.resolution = resolution or manifest["job"]["distill"]["resolution"]
-        self.num_classes = manifest["labels"]["classes"]
-        self.num_views = manifest["labels"]["views"]
+        self.ipc = manifest.ipc
+        self.resolution = resolution or manifest.resolution
+        self.num_classes = manifest.labels["classes"]
+        self.num_views = manifest.labels["views"]
         if self.num_views < 1:
-            raise ValueError(f"{run_dir}: the run stored no training views (relabel.views = 0)")
+            raise RunError(f"{run_dir}: the run stored no training views (relabel.views = 0)")
         self.temperature, self.normalize, self.epoch = temperature, normalize, epoch
-        fmt = manifest["job"]["output"]["image_format"]
         self.keys: list[str] = []
         self.images: list[bytes] = []
         self.targets: list[int] = []
         self.views: list[np.ndarray] = []
-        for shard in manifest["shards"]:
-            images = read_samples(run_dir / shard["name"])
-            labels = read_samples(run_dir / shard["labels"]["name"])
+        for shard in manifest.shards:
+            images = read_verified(run_dir, shard.name, shard.sha256)
+            labels = read_verified(run_dir, shard.labels["name"], shard.labels["sha256"])
             for key, members in images.items():
                 self.keys.append(key)
-                self.images.append(members[fmt])
+                self.images.append(members[manifest.image_format])
                 self.targets.append(int(members["cls"]))
                 self.views.append(decode_records(labels[key]["views.npy.zst"]))
 
@@ -99,5 +88,5 @@ class DistilledDataset(Dataset):
         else:
             target = torch.from_numpy(softmax(unpack_logits(record[None], self.num_classes), self.temperature)[0])
         if self.normalize:
-            image = (image.float() / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+            image = IMAGENET(image)
         return image, target

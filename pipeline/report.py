@@ -1,14 +1,18 @@
-"""Accounting and timings: every input sample ends in exactly one ledger row, every stage is timed."""
+"""Accounting, timings and progress: every input sample ends in exactly one ledger row, every stage is
+timed, long work shows a progress bar."""
 
 from __future__ import annotations
 
 import resource
+import sys
 import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
+
+from tqdm import tqdm
 
 # Ledger statuses, in the order a sample can reach them.
 SKIPPED = "skipped"  # with a reason: missing_image, missing_label, bad_label, unknown_class, undecodable
@@ -18,6 +22,13 @@ SCORED = "scored"  # drawn and scored, but its key patch did not make the cut
 DISTILLED = "distilled"  # its key patch is in a distilled image
 
 EXAMPLES_PER_REASON = 20
+
+
+def progress_bar(total: int, what: str, *, unit: str = "img", enabled: bool = True,
+                 log_every_s: float = 15.0) -> tqdm:
+    """A live bar on a terminal's stderr; in logs (stderr not a terminal) a line every `log_every_s`."""
+    return tqdm(total=total, unit=unit, desc=f"rded: {what}", disable=not enabled, file=sys.stderr,
+                mininterval=0.5 if sys.stderr.isatty() else log_every_s)
 
 
 def peak_rss_mib() -> float:

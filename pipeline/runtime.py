@@ -1,10 +1,14 @@
-"""Process-level settings for the job's command-line entry points."""
+"""Where and how the process runs: devices, the allocator, signals."""
 
 from __future__ import annotations
 
 import ctypes
 import signal
 import sys
+
+import torch
+
+from .errors import JobError
 
 # glibc mallopt parameters
 _M_TRIM_THRESHOLD = -1
@@ -30,3 +34,15 @@ def exit_cleanly_on_sigterm() -> None:
     """Batch schedulers stop jobs with SIGTERM: turn it into SystemExit so that `finally` blocks remove
     half-made outputs, as they do for Ctrl-C."""
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+def resolve_devices(device: str, decoder: str) -> tuple[torch.device, str]:
+    """The torch device and DALI decoder for `runtime.device` / `runtime.decoder` ("auto": CUDA when present)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise JobError("runtime.device = 'cuda' but CUDA is not available on this machine")
+    chosen = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    if decoder == "auto":
+        decoder = "mixed" if chosen.type == "cuda" else "cpu"
+    if decoder == "mixed" and chosen.type != "cuda":
+        raise JobError("runtime.decoder = 'mixed' needs CUDA")
+    return chosen, decoder

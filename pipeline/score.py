@@ -8,18 +8,17 @@ bits of a kernel cannot reorder near-ties (ties are then broken by sample key).
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .crops import Cutter, CutRequest, Window, image_size
-from .heap import ScoredPatch
+from .crops import Cutter, CutRequest, image_size
+from .keyed import Window
 from .observer import Observer
-from .report import Timings
-from .source import SampleRef
+from .records import SampleRef, ScoredPatch
 
 
 class Scorer:
@@ -67,17 +66,21 @@ class Scorer:
         return np.round(picked.double().numpy(), self.decimals)
 
 
-def score_key_patches(batch: Sequence[SampleRef], read: Callable[[SampleRef], bytes], cutter: Cutter,
-                      scorer: Scorer, *, seed: int, crops: int, patch_size: int,
-                      window: Callable[[int, str, int, int, int], Window],
-                      timings: Timings) -> tuple[list[ScoredPatch], list[SampleRef]]:
-    """Decode each image, cut its K crops, score them and keep the best (ties: the lower crop index).
+@dataclass
+class Candidates:
+    """The K candidate patches of each decodable image of a batch."""
 
-    Returns (one key patch per decodable image, the images that could not be decoded).
-    """
-    t0 = time.perf_counter()
+    images: list[tuple[SampleRef, tuple[int, int], list[Window]]]  # (sample, its W x H, its K windows)
+    patches: list[list[np.ndarray]]  # HWC uint8, K per image
+
+
+def cut_candidates(batch: Sequence[SampleRef], read: Callable[[SampleRef], bytes], cutter: Cutter, *, seed: int,
+                   crops: int, patch_size: int,
+                   window: Callable[[int, str, int, int, int], Window]) -> tuple[Candidates, list[SampleRef]]:
+    """Decode each image and cut its K windows, resized to the patch size. Returns (the candidates, the
+    images that could not be read or decoded)."""
     requests: list[CutRequest] = []
-    readable: list[tuple[SampleRef, tuple[int, int], list]] = []
+    readable: list[tuple[SampleRef, tuple[int, int], list[Window]]] = []
     undecodable: list[SampleRef] = []
     for ref in batch:
         try:
@@ -91,24 +94,26 @@ def score_key_patches(batch: Sequence[SampleRef], read: Callable[[SampleRef], by
         windows = [window(seed, ref.key, k, *size) for k in range(crops)]
         requests.append(CutRequest(encoded, windows, [(patch_size, patch_size)] * crops))
         readable.append((ref, size, windows))
-    cut = cutter.cut(requests)
-    decoded = []
-    for item, patches in zip(readable, cut):
+    candidates = Candidates([], [])
+    for item, patches in zip(readable, cutter.cut(requests)):
         if patches is None:
             undecodable.append(item[0])
         else:
-            decoded.append((item, patches))
-    t1 = time.perf_counter()
-    timings.add("decode_crop", t1 - t0, len(batch))
-    if not decoded:
-        return [], undecodable
-    patches = np.stack([p for _, ps in decoded for p in ps])
-    labels = np.repeat([item[0].label for item, _ in decoded], crops)
-    scores = scorer.score(patches, labels).reshape(len(decoded), crops)
-    timings.add("score", time.perf_counter() - t1, len(decoded) * crops, unit="patches")
-    key_patches = []
-    for ((ref, size, windows), _), s in zip(decoded, scores):
+            candidates.images.append(item)
+            candidates.patches.append(patches)
+    return candidates, undecodable
+
+
+def key_patches(candidates: Candidates, scorer: Scorer) -> list[ScoredPatch]:
+    """Score every candidate and keep each image's best (ties: the lower crop index)."""
+    if not candidates.images:
+        return []
+    crops = len(candidates.patches[0])
+    patches = np.stack([p for ps in candidates.patches for p in ps])
+    labels = np.repeat([ref.label for ref, _, _ in candidates.images], crops)
+    scores = scorer.score(patches, labels).reshape(len(candidates.images), crops)
+    best = []
+    for (ref, size, windows), s in zip(candidates.images, scores):
         k = int(np.argmax(s))
-        key_patches.append(ScoredPatch(float(s[k]), ref.key, ref.label, ref.shard, ref.offset, ref.size, k,
-                                       windows[k], size))
-    return key_patches, undecodable
+        best.append(ScoredPatch(float(s[k]), ref.key, ref.label, ref.shard, ref.offset, ref.size, k, windows[k], size))
+    return best

@@ -7,48 +7,17 @@ drawn, so the index pass costs one sequential header walk per shard.
 from __future__ import annotations
 
 import json
-import re
-import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from braceexpand import braceexpand
 
-from .config import JobConfig, JobError
+from .config import JobConfig
+from .errors import JobError
+from .records import ClassInfo, SampleRef, Shard, Skipped
+from .tario import BrokenAt, walk_samples
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-# WebDataset's own key rule: the key is the member path up to the first dot of its base name.
-_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
-
-
-@dataclass(frozen=True, slots=True)
-class Shard:
-    name: str  # as written in the job (after brace expansion): machine-independent, goes into outputs
-    path: Path  # where it is on this machine
-
-
-@dataclass(frozen=True, slots=True)
-class SampleRef:
-    key: str
-    label: int
-    shard: int  # index into the job's shard list
-    offset: int  # byte offset of the image member's data in the shard
-    size: int  # byte size of the image member
-
-
-@dataclass(frozen=True, slots=True)
-class Skipped:
-    key: str
-    shard: int
-    reason: str  # missing_image | missing_label | bad_label | unknown_class | corrupt_shard
-
-
-@dataclass(frozen=True, slots=True)
-class ClassInfo:
-    index: int
-    name: str
-    imagenet_index: int | None = None
 
 
 def expand_shards(job: JobConfig) -> list[Shard]:
@@ -84,63 +53,26 @@ def load_classes(job: JobConfig) -> list[ClassInfo] | None:
 
 
 def scan_shard(shard_index: int, path: Path) -> Iterator[SampleRef | Skipped]:
-    """Yield one record per sample (consecutive members sharing a key), reading only headers and labels.
+    """One record per sample (consecutive members sharing a key), reading only headers and labels.
 
     A shard that breaks off (truncated or corrupt tar) ends with one `Skipped(reason='corrupt_shard')`
-    naming the sample where reading stopped; the complete samples before it are kept. `tarfile` stops
-    silently at a broken header, so truncation is checked by hand: a member running past the end of the
-    file, or anything but zero padding after the last header.
+    naming the sample where reading stopped; the complete samples before it are kept.
     """
-    file_size = path.stat().st_size
-    group_key: str | None = None
-    image: tuple[int, int] | None = None
-    label_bytes: bytes | None = None
-
-    def flush() -> SampleRef | Skipped:
-        if image is None:
-            return Skipped(group_key, shard_index, "missing_image")
-        if label_bytes is None:
-            return Skipped(group_key, shard_index, "missing_label")
-        try:
-            label = int(label_bytes.decode("ascii").strip())
-        except (UnicodeDecodeError, ValueError):
-            return Skipped(group_key, shard_index, "bad_label")
-        return SampleRef(group_key, label, shard_index, image[0], image[1])
-
-    broken_at: str | None = None
-    try:
-        with tarfile.open(path, mode="r:") as tar:
-            for member in tar:
-                m = _KEY_EXT.match(member.name)
-                if member.offset_data + member.size > file_size:
-                    broken_at = m.group(1) if m else member.name
-                    break
-                if not member.isfile() or m is None:
-                    continue
-                key, ext = m.group(1), m.group(2).lower()
-                if key != group_key:
-                    if group_key is not None:
-                        yield flush()
-                    group_key, image, label_bytes = key, None, None
-                if ext in IMAGE_EXTS and image is None:
-                    image = (member.offset_data, member.size)
-                elif ext == "cls":
-                    label_bytes = tar.extractfile(member).read()
-            else:
-                if _has_trailing_data(path, tar.offset):
-                    broken_at = f"(after {group_key})"
-    except (tarfile.TarError, OSError, EOFError):
-        broken_at = group_key or "(start)"
-    if broken_at is not None:
-        if group_key is not None and broken_at != group_key:
-            yield flush()
-        yield Skipped(broken_at, shard_index, "corrupt_shard")
-    elif group_key is not None:
-        yield flush()
-
-
-def _has_trailing_data(path: Path, offset: int, limit: int = 1 << 20) -> bool:
-    """True when non-zero bytes follow the last member: a header tarfile could not read."""
     with open(path, "rb") as f:
-        f.seek(offset)
-        return any(f.read(limit))
+        for item in walk_samples(f, read=lambda ext: ext == "cls"):
+            if isinstance(item, BrokenAt):
+                yield Skipped(item.key, shard_index, "corrupt_shard")
+                continue
+            image = next((m for m in item.members if m.ext in IMAGE_EXTS), None)
+            labels = [m.data for m in item.members if m.ext == "cls"]
+            if image is None:
+                yield Skipped(item.key, shard_index, "missing_image")
+            elif not labels:
+                yield Skipped(item.key, shard_index, "missing_label")
+            else:
+                try:
+                    label = int(labels[-1].decode("ascii").strip())
+                except (UnicodeDecodeError, ValueError):
+                    yield Skipped(item.key, shard_index, "bad_label")
+                    continue
+                yield SampleRef(item.key, label, shard_index, image.offset, image.size)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import math
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,14 +18,14 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
-from tqdm import tqdm
 
-from .loader import IMAGENET_MEAN, IMAGENET_STD
-from .select import keyed_u64
-from .shardio import write_bytes_atomic
+from .keyed import keyed_u64, random_resized_crop
+from .models import torchvision_classifier
+from .normalization import IMAGENET
+from .report import progress_bar
+from .tario import write_bytes_atomic
 
 # The authors' learning rates by student family (DESIGN.md §1).
 LR_BY_FAMILY = (("resnet", 1e-3), ("efficientnet", 2e-3), ("mobilenet", 2.5e-3), ("vgg", 5e-4),
@@ -69,19 +68,13 @@ def lr_factor(epoch: int, epochs: int, schedule: str) -> float:
 
 
 def build_student(name: str, num_classes: int) -> nn.Module:
-    if name not in torchvision.models.list_models(module=torchvision.models):
-        raise ValueError(f"unknown student {name!r}: use a torchvision classification model name")
-    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    return torchvision_classifier(name, num_classes)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def normalize_imagenet(x: torch.Tensor) -> torch.Tensor:
-    return (x.float() / 255.0 - IMAGENET_MEAN.to(x.device)) / IMAGENET_STD.to(x.device)
 
 
 def cutmix(images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -121,8 +114,7 @@ def train_student(train_set: Dataset, num_classes: int, recipe: Recipe, *,
     torch.manual_seed(recipe.seed)
     model = build_student(recipe.student, num_classes)
     opt = torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=(0.9, 0.999))
-    bar = tqdm(total=recipe.epochs, unit="epoch", desc=f"rded: training {recipe.student}", disable=not progress,
-               file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    bar = progress_bar(recipe.epochs, f"training {recipe.student}", unit="epoch", enabled=progress, log_every_s=30.0)
     for epoch in range(recipe.epochs):
         started = time.perf_counter()
         lr = recipe.lr * lr_factor(epoch, recipe.epochs, recipe.schedule)
@@ -140,7 +132,7 @@ def train_student(train_set: Dataset, num_classes: int, recipe: Recipe, *,
         total, batches = 0.0, 0
         for images, labels in loader:
             mixed, perm, lam = cutmix(images, generator)
-            logits = model(normalize_imagenet(mixed))
+            logits = model(IMAGENET(mixed))
             if recipe.labels == "online":
                 with torch.inference_mode():
                     target = F.softmax(teacher(mixed) / recipe.temperature, dim=1)
@@ -168,8 +160,6 @@ def train_student(train_set: Dataset, num_classes: int, recipe: Recipe, *,
 def labelled_images(urls: Sequence[str], num_classes: int, shuffle: int = 0, rng=None):
     """(RGB PIL image, class, key) from WebDataset shards, skipping samples that do not decode or have no
     label in [0, num_classes) (evaluation reports how many were skipped, from the shards' sample count)."""
-    import io
-
     import webdataset as wds
     from PIL import Image
 
@@ -204,8 +194,6 @@ class TrainShards(IterableDataset):
         import random
 
         from torchvision.transforms.v2 import functional as TF
-
-        from .crops import random_resized_crop
 
         rng = random.Random(keyed_u64(self.seed, "shuffle", self.epoch))
         for image, label, key in labelled_images(self.urls, self.num_classes, self.buffer, rng):
@@ -251,7 +239,7 @@ def evaluate(model: nn.Module, val: ValShards, *, batch_size: int = 100, workers
     model.eval()
     with torch.inference_mode():
         for images, labels, batch_keys in loader:
-            logits = model(normalize_imagenet(images))
+            logits = model(IMAGENET(images))
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
             correct1 += (top[:, 0] == labels).sum().item()
             correct5 += (top == labels[:, None]).any(dim=1).sum().item()

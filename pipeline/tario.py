@@ -1,0 +1,191 @@
+"""WebDataset tar files: one key rule, one walker that notices truncation, deterministic atomic writing.
+
+We write tars ourselves rather than with webdataset's TarWriter because it writes a sample's members in
+sorted extension order, which would change the bytes of every shard we have ever published.
+Every tar we write has fixed metadata (mtime 0, uid/gid 0, mode 0444, USTAR), so the same samples give
+the same bytes on any machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import shutil
+import tarfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+# WebDataset's key rule: the key is the member path up to the first dot of its base name.
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+def split_name(name: str) -> tuple[str, str] | None:
+    """(key, extension) of a member name by WebDataset's rule, or None for a name without one."""
+    m = _KEY_EXT.match(name)
+    return (m.group(1), m.group(2)) if m else None
+
+
+# -- atomic files
+
+def atomic_path(path: Path) -> Path:
+    """The temporary name a file is written under before it is renamed into place."""
+    return path.with_name(f".{path.name}.partial")
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    tmp = atomic_path(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def copy_atomic(src: Path, dst: Path) -> str:
+    """Copy a file into place atomically; returns the sha256 of the bytes copied."""
+    tmp = atomic_path(dst)
+    h = hashlib.sha256()
+    with open(src, "rb") as fin, open(tmp, "wb") as fout:
+        for block in iter(lambda: fin.read(1 << 20), b""):
+            h.update(block)
+            fout.write(block)
+        fout.flush()
+        os.fsync(fout.fileno())
+    os.replace(tmp, dst)
+    return h.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# -- writing
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def write_tar(path: Path, samples: Iterable[tuple[str, Mapping[str, bytes]]]) -> str:
+    """Write samples (key, {ext: bytes}) as a WebDataset shard; members in the given order.
+
+    Returns the sha256 of the finished file. The file appears under its name only when complete.
+    """
+    tmp = atomic_path(path)
+    with open(tmp, "wb") as raw:
+        with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for key, members in samples:
+                for ext, data in members.items():
+                    tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
+        raw.flush()
+        os.fsync(raw.fileno())
+    os.replace(tmp, path)
+    return sha256_file(path)
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# -- reading
+
+def read_member(path: str | Path, offset: int, size: int) -> bytes:
+    """The bytes of one tar member, given its data offset and size (from the source index)."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(size)
+    if len(data) != size:
+        raise OSError(f"{path}: short read at offset {offset} ({len(data)} of {size} bytes)")
+    return data
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    ext: str
+    offset: int  # of the member's data in the file
+    size: int
+    data: bytes | None  # read only when asked for
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    key: str
+    members: list[Member]
+
+
+@dataclass(frozen=True, slots=True)
+class BrokenAt:
+    """The shard breaks off here; `key` names the sample (or place) where reading stopped."""
+
+    key: str
+
+
+def walk_samples(fileobj: BinaryIO, read: Callable[[str], bool] = lambda ext: True) -> Iterator[Sample | BrokenAt]:
+    """Consecutive members sharing a key, as samples in file order; data is read for the extensions that
+    `read` accepts. A shard that breaks off (truncated or corrupt) ends with one `BrokenAt`, and the
+    sample it broke inside is not yielded; the complete samples before it are.
+
+    `tarfile` stops silently at a broken header, so truncation is checked by hand: a member running past
+    the end of the file, or anything but zero padding after the last header.
+    """
+    file_size = fileobj.seek(0, os.SEEK_END)
+    fileobj.seek(0)
+    key: str | None = None
+    members: list[Member] = []
+    broken_at: str | None = None
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r:") as tar:
+            for info in tar:
+                split = split_name(info.name)
+                if info.offset_data + info.size > file_size:
+                    broken_at = split[0] if split else info.name
+                    break
+                if not info.isfile() or split is None:
+                    continue
+                if split[0] != key:
+                    if key is not None:
+                        yield Sample(key, members)
+                    key, members = split[0], []
+                ext = split[1].lower()
+                data = tar.extractfile(info).read() if read(ext) else None
+                members.append(Member(ext, info.offset_data, info.size, data))
+            else:
+                if _has_trailing_data(fileobj, tar.offset):
+                    broken_at = f"(after {key})"
+    except (tarfile.TarError, OSError, EOFError):
+        broken_at = key or "(start)"
+    if broken_at is not None:
+        if key is not None and broken_at != key:
+            yield Sample(key, members)
+        yield BrokenAt(broken_at)
+    elif key is not None:
+        yield Sample(key, members)
+
+
+def _has_trailing_data(fileobj: BinaryIO, offset: int, limit: int = 1 << 20) -> bool:
+    """True when non-zero bytes follow the last member: a header tarfile could not read."""
+    fileobj.seek(offset)
+    return any(fileobj.read(limit))
+
+
+def read_samples(data: bytes, name: str) -> dict[str, dict[str, bytes]]:
+    """A whole shard held in memory: key -> {extension: bytes}. A broken shard is an OSError naming it."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for item in walk_samples(io.BytesIO(data)):
+        if isinstance(item, BrokenAt):
+            raise OSError(f"{name}: the tar file breaks off at {item.key}")
+        samples[item.key] = {m.ext: m.data for m in item.members}
+    return samples
