@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.synthetic import SmallCNN, save_torchscript, write_synthetic_shards
+from rded.synthetic import SmallCNN, save_torchscript, write_synthetic_shards
 
 NUM_CLASSES = 3
 PER_CLASS = 14
@@ -70,8 +70,8 @@ def write_job(tmp_path, data_dir):
 @pytest.fixture(scope="session")
 def baseline_run(tmp_path_factory, data_dir) -> Path:
     """One finished run of the default tiny job, shared by read-only tests."""
-    from pipeline.config import load_job
-    from pipeline.distill import run_distill
+    from rded.config import load_job
+    from rded.distill import run_distill
 
     tmp = tmp_path_factory.mktemp("baseline")
     job = tmp / "job.toml"
@@ -81,7 +81,7 @@ def baseline_run(tmp_path_factory, data_dir) -> Path:
 
 
 def sample_keys(shard: Path) -> list[str]:
-    """Keys of a shard's samples, by WebDataset's grouping rule (brute force, independent of pipeline)."""
+    """Keys of a shard's samples, by WebDataset's grouping rule (brute force, independent of rded)."""
     keys: list[str] = []
     with tarfile.open(shard) as tar:
         for m in tar:

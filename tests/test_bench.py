@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from pipeline.cli import main
+from rded.cli import main
 
 
 def test_bench_reports_all_three_on_the_same_images(write_job, tmp_path, capsys):

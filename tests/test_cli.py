@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
-from pipeline.cli import main
+from rded.cli import main
 
 
 def run_rded(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "rded", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_unknown_key_via_the_real_command(write_job, tmp_path):
@@ -62,7 +62,7 @@ def test_missing_file_bad_toml_and_bad_override(tmp_path, write_job, capsys):
 
 
 def test_overrides_are_typed(write_job):
-    from pipeline.config import load_job
+    from rded.config import load_job
 
     job = load_job(write_job(), ["distill.ipc=5", "distill.slices=[1, 5]", "distill.score_mode=native"])
     assert job.distill.ipc == 5 and job.distill.tiers == [1, 5] and job.distill.score_mode == "native"
@@ -80,7 +80,7 @@ def test_sigterm_mid_run_leaves_nothing_behind(write_job, tmp_path):
     # many views make the relabel stage long enough to be interrupted in the middle
     job = write_job(relabel={"views": 3000})
     out = tmp_path / "o"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "distill", str(job), "--out", str(out)],
+    proc = subprocess.Popen([sys.executable, "-m", "rded", "distill", str(job), "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not list(out.glob(".rded-staging/distilled-*.tar")) and time.time() < deadline:

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.crops import Cutter, CutRequest, crop_window, image_size
-from pipeline.write import cell_boxes, tier_layout
+from rded.crops import Cutter, CutRequest, image_size
+from rded.geometry import cell_boxes, tier_layout
+from rded.keyed import crop_window
 
 
 @pytest.mark.parametrize("w,h", [(160, 213), (300, 90), (64, 64), (17, 500)])

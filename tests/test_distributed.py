@@ -14,7 +14,7 @@ TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 
 def torchrun(*args: str) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen([TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "pipeline", *args],
+    return subprocess.Popen([TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "rded", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SHARED_IMAGEWOOF, tar_members
-from pipeline.cli import main
+from rded.cli import main
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "imagewoof.toml"
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from conftest import BAD, NUM_CLASSES, PER_CLASS, sample_keys, tar_members
-from pipeline.cli import main
-from pipeline.config import load_job
-from pipeline.distill import run_distill
+from rded.cli import main
+from rded.config import load_job
+from rded.distill import run_distill
 
 CELLS = 4  # factor 2
 
@@ -53,7 +53,7 @@ def test_output_layout_and_manifest(baseline_run):
     manifest = json.loads((baseline_run / "manifest.json").read_text())
     assert manifest["tiers"] == [1, 2] and manifest["images"] == NUM_CLASSES * 2
     for s in manifest["shards"]:
-        from pipeline.shardio import sha256_file
+        from rded.tario import sha256_file
         assert sha256_file(baseline_run / s["name"]) == s["sha256"]
     # tier 1 (image 0 of every class) comes first and fills its own shard(s)
     first = tar_members(baseline_run / manifest["shards"][0]["name"])
@@ -67,12 +67,14 @@ def all_key_patches(data_dir: Path, job) -> dict[int, list[tuple[float, str]]]:
     crop, and sort each class's key patches best first."""
     import torch
 
-    from pipeline.crops import Cutter, CutRequest, crop_window, image_size
-    from pipeline.observer import build_observer
-    from pipeline.score import Scorer
-    from pipeline.select import SubsetDraw
-    from pipeline.shardio import read_member
-    from pipeline.source import SampleRef, expand_shards, load_classes, scan_shard
+    from rded.crops import Cutter, CutRequest, image_size
+    from rded.keyed import crop_window
+    from rded.observer import build_observer
+    from rded.records import SampleRef
+    from rded.score import Scorer
+    from rded.select import SubsetDraw
+    from rded.source import expand_shards, load_classes, scan_shard
+    from rded.tario import read_member
 
     cfg = job.distill
     shards = expand_shards(job)
@@ -186,7 +188,7 @@ def test_shards_read_back_with_dali(baseline_run):
 
 
 def test_a_crash_leaves_no_finished_looking_output(write_job, tmp_path, monkeypatch):
-    import pipeline.distill as distill
+    import rded.distill as distill
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk on fire")
@@ -232,7 +234,7 @@ def test_truncated_shard_keeps_what_came_before(write_job, data_dir, tmp_path):
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--train-seconds", "2"]) == 0
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--train-steps", "20"]) == 0
     assert "rded demo finished" in capsys.readouterr().out
     m10 = json.loads((tmp_path / "demo" / "ipc10" / "manifest.json").read_text())
     m1 = json.loads((tmp_path / "demo" / "ipc1" / "manifest.json").read_text())

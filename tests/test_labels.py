@@ -11,11 +11,11 @@ import numpy as np
 import torch
 
 from conftest import NUM_CLASSES
-from pipeline.cli import main
-from pipeline.config import load_job
-from pipeline.labels import kl_divergence, pack_labels, region_dtype, softmax, unpack_logits
-from pipeline.loader import DistilledDataset, stored_view
-from pipeline.relabel import apply_view, decode_distilled, draw_view, shuffle_grid
+from rded.cli import main
+from rded.config import load_job
+from rded.labels import kl_divergence, pack_labels, region_dtype, softmax, unpack_logits
+from rded.geometry import apply_view, decode_distilled, draw_view, shuffle_grid
+from rded.loader import DistilledDataset, stored_view
 
 
 def test_codec_all_classes_and_topk_round_trip():
@@ -49,15 +49,15 @@ def test_views_are_pure_and_shuffle_is_a_permutation():
 
 
 def test_loader_image_is_the_recorded_view_and_label_is_the_observer(baseline_run, write_job):
-    from pipeline.distill import resolve_devices
-    from pipeline.observer import build_observer
-    from pipeline.score import Scorer
-    from pipeline.source import load_classes
+    from rded.observer import build_observer
+    from rded.runtime import resolve_devices
+    from rded.score import Scorer
+    from rded.source import load_classes
 
     job = load_job(write_job())
     ds = DistilledDataset(baseline_run, temperature=20.0, normalize=False)
     assert len(ds) == NUM_CLASSES * 2
-    obs = build_observer(job, load_classes(job), resolve_devices(job)[0])
+    obs = build_observer(job, load_classes(job), resolve_devices(job.runtime.device, job.runtime.decoder)[0])
     scorer = Scorer(obs, mode="pad", resolution=32, score_batch=job.runtime.score_batch, decimals=4)
     for epoch in range(4):  # 3 stored views: epoch 3 wraps to view 0
         ds.set_epoch(epoch)
@@ -106,7 +106,7 @@ def test_manifest_records_label_size_and_fidelity(baseline_run):
 
 READER = r'''
 import io, sys, tarfile, numpy as np, zstandard
-assert "pipeline" not in sys.modules
+assert "rded" not in sys.modules
 path = sys.argv[1]
 with tarfile.open(path) as tar:
     for m in tar:
@@ -117,7 +117,7 @@ with tarfile.open(path) as tar:
             logits = arr["logit"].astype(np.float64)
             p = np.exp(logits - logits.max(1, keepdims=True)); p /= p.sum(1, keepdims=True)
             print(m.name, arr.shape[0], p.shape[1], round(float(p.sum(1).mean()), 6))
-    assert "pipeline" not in sys.modules
+    assert "rded" not in sys.modules
 '''
 
 
@@ -130,9 +130,8 @@ def test_label_shards_read_with_numpy_and_zstandard_alone(baseline_run):
 
 
 def test_random_baseline_run_is_whole_images_in_draw_order(write_job, tmp_path):
-    from pipeline.distill import run_distill
-    from pipeline.select import draw_order
-    from pipeline.source import SampleRef
+    from rded.distill import run_distill
+    from rded.records import SampleRef, draw_order
 
     job = load_job(write_job(distill={"method": "random", "factor": 1, "crops": 1, "subset": 2, "ipc": 2}))
     run_distill(job, tmp_path / "rand")
@@ -155,10 +154,10 @@ def test_random_baseline_run_is_whole_images_in_draw_order(write_job, tmp_path):
 
 
 def read_member_json(run, manifest, key):
-    from pipeline.loader import read_samples
+    from rded.tario import read_samples
 
     for s in manifest["shards"]:
-        samples = read_samples(run / s["name"])
+        samples = read_samples((run / s["name"]).read_bytes(), s["name"])
         if key in samples:
             return samples[key]["json"]
     raise KeyError(key)

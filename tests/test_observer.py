@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from conftest import SHARED_IMAGEWOOF
-from pipeline.config import job_from_dict
-from pipeline.observer import build_observer, check_observer
-from pipeline.score import Scorer
-from pipeline.source import load_classes
+from rded.config import job_from_dict
+from rded.observer import build_observer, check_observer
+from rded.score import Scorer
+from rded.source import load_classes
 
 
 def job_for(tmp_path, observer: dict, classes: str | None = None):
@@ -35,7 +35,7 @@ def test_torchvision_observer_loads_weights_and_scores(tmp_path):
     job = job_for(tmp_path, {"kind": "torchvision", "arch": "resnet18", "weights": "r18.pt", "num_outputs": 5})
     check_observer(job, None)
     obs = build_observer(job, None, torch.device("cpu"))
-    assert obs.normalization == "imagenet" and obs.output_index.tolist() == [0, 1, 2, 3, 4]
+    assert obs.normalization.name == "imagenet" and obs.output_index.tolist() == [0, 1, 2, 3, 4]
     patches = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
     scorer = Scorer(obs, mode="pad", resolution=32, score_batch=4, decimals=4)
     lp = scorer.log_probs(patches)
@@ -61,7 +61,7 @@ def test_scores_do_not_depend_on_the_other_patches_in_the_batch(tmp_path, data_d
 
 
 def test_wrong_weights_are_a_job_error(tmp_path):
-    from pipeline.config import JobError
+    from rded.errors import JobError
 
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "bad.pt")
     job = job_for(tmp_path, {"kind": "torchvision", "arch": "resnet18", "weights": "bad.pt"})
@@ -79,7 +79,7 @@ def test_efficientnet_lite0_classifies_imagewoof_val(tmp_path):
     classes = str(SHARED_IMAGEWOOF / "classes.json")
     job = job_for(tmp_path, {"kind": "efficientnet-lite0", "class_map": "imagenet_index"}, classes)
     obs = build_observer(job, load_classes(job), torch.device("cpu"))
-    assert obs.normalization == "lite"
+    assert obs.normalization.name == "lite"
     assert obs.output_index.tolist() == [c["imagenet_index"] for c in json.loads(open(classes).read())]
     tf = v2.Compose([v2.Resize(256), v2.CenterCrop(224)])
     images, labels = [], []

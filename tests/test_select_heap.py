@@ -7,9 +7,10 @@ import random
 import numpy as np
 import pytest
 
-from pipeline.heap import PerClassTopK, ScoredPatch, TopK, best_first
-from pipeline.select import SubsetDraw, draw_order, keyed_uniform
-from pipeline.source import SampleRef
+from rded.heap import PerClassTopK, TopK
+from rded.keyed import keyed_uniform
+from rded.records import SampleRef, ScoredPatch, best_first, draw_order
+from rded.select import SubsetDraw
 
 # chi-square critical value, 19 degrees of freedom, p = 0.001
 CHI2_19_P001 = 43.82

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from conftest import NUM_CLASSES
-from pipeline.cli import main
-from pipeline.synthetic import write_synthetic_shards
-from pipeline.train import Recipe, ValShards, cutmix, evaluate, lr_factor, normalize_imagenet, train_student
+from rded.cli import main
+from rded.synthetic import write_synthetic_shards
+from rded.normalization import IMAGENET
+from rded.train import Recipe, ValShards, cutmix, evaluate, lr_factor, train_student
 
 
 class ColourSquares(torch.utils.data.Dataset):
@@ -39,7 +40,7 @@ def test_trainer_learns_a_separable_toy_set():
     assert losses[-1] < losses[0]
     test = ColourSquares(60, 1)
     with torch.inference_mode():
-        pred = model(normalize_imagenet(test.images)).argmax(1)
+        pred = model(IMAGENET(test.images)).argmax(1)
     assert (pred == test.labels).float().mean().item() > 0.6  # chance is 1/3
 
 
@@ -75,7 +76,7 @@ def test_evaluation_sees_every_sample_once_and_matches_brute_force(val_dir):
     correct = 0
     for image, label, _ in val:  # one sample at a time, no loader
         with torch.inference_mode():
-            correct += int(model(normalize_imagenet(image[None])).argmax(1).item() == label)
+            correct += int(model(IMAGENET(image[None])).argmax(1).item() == label)
     assert acc.top1 == correct / acc.count
     keys = [s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False)]
     assert len(keys) == acc.count
@@ -104,8 +105,8 @@ def test_online_teacher_needs_its_job_when_the_observer_has_files(baseline_run, 
 
 
 def test_train_observer_output_loads_as_an_observer(data_dir, val_dir, tmp_path, write_job, capsys):
-    from pipeline.config import load_job
-    from pipeline.distill import run_distill
+    from rded.config import load_job
+    from rded.distill import run_distill
 
     weights = tmp_path / "obs.pt"
     assert main(["train-observer", "--train", str(data_dir / "train-{000000..000001}.tar"), "--num-classes",
