@@ -218,7 +218,9 @@ def slice_run(src: Path, ipc: int, out_dir: Path, *, overwrite: bool = False) ->
     kept = [s for s in manifest.shards if s.tier <= ipc]
     for shard in kept:
         for name, sha in _shard_files(shard):
-            _check_sha(src, name, copy_atomic(src / name, out_dir / name), sha)
+            if not (src / name).is_file():
+                raise RunError(f"{src / name}: missing (listed in the manifest)")
+            copy_atomic(src / name, out_dir / name, check=lambda actual, name=name, sha=sha: _check_sha(src, name, actual, sha))
     sliced = replace(manifest, ipc=ipc, tiers=[t for t in manifest.tiers if t <= ipc], shards=kept,
                      images=sum(s.samples for s in kept),
                      sliced_from={"ipc": manifest.ipc, "tiers": manifest.tiers},

@@ -12,7 +12,6 @@ import hashlib
 import io
 import os
 import re
-import shutil
 import tarfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -45,18 +44,23 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def copy_atomic(src: Path, dst: Path) -> str:
-    """Copy a file into place atomically; returns the sha256 of the bytes copied."""
+def copy_atomic(src: Path, dst: Path, check: Callable[[str], None] = lambda sha256: None) -> None:
+    """Copy a file into place atomically. `check` sees the sha256 of the bytes copied and may raise, before
+    anything appears under `dst`."""
     tmp = atomic_path(dst)
     h = hashlib.sha256()
-    with open(src, "rb") as fin, open(tmp, "wb") as fout:
-        for block in iter(lambda: fin.read(1 << 20), b""):
-            h.update(block)
-            fout.write(block)
-        fout.flush()
-        os.fsync(fout.fileno())
+    try:
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            for block in iter(lambda: fin.read(1 << 20), b""):
+                h.update(block)
+                fout.write(block)
+            fout.flush()
+            os.fsync(fout.fileno())
+        check(h.hexdigest())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, dst)
-    return h.hexdigest()
 
 
 def sha256_file(path: Path) -> str:
@@ -94,10 +98,6 @@ def write_tar(path: Path, samples: Iterable[tuple[str, Mapping[str, bytes]]]) ->
         os.fsync(raw.fileno())
     os.replace(tmp, path)
     return sha256_file(path)
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
 
 
 # -- reading
