@@ -15,7 +15,7 @@ $RDED bench jobs/imagewoof.toml --out "$OUT/native" "${COMMON[@]}" --set distill
 .venv/bin/python - "$OUT" <<'PY'
 import json, subprocess, sys
 from pathlib import Path
-from pipeline.synthetic import SmallCNN, save_torchscript, write_synthetic_shards
+from rded.synthetic import SmallCNN, save_torchscript, write_synthetic_shards
 out = Path(sys.argv[1]) / "rss"
 out.mkdir(parents=True, exist_ok=True)
 save_torchscript(SmallCNN(8, width=16).eval(), out / "observer.pt")  # untrained: memory, not quality

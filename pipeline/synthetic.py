@@ -43,6 +43,28 @@ _POLYGONS = {
 }
 
 
+def _draw_clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, w: int, h: int,
+                  short: int) -> Callable[[], None]:
+    """Thin lines and small jagged blobs, kept well below the object's size so they don't mimic it;
+    returns the line drawer, for occluding the object later."""
+    def clutter_line() -> None:
+        pts = rng.uniform(0, 1, size=4) * (w, h, w, h)
+        draw.line([float(v) for v in pts], fill=tuple(int(c) for c in rng.integers(0, 256, 3)),
+                  width=int(rng.integers(1, 4)))
+
+    for _ in range(int(rng.integers(6, 14))):
+        clutter_line()
+    for _ in range(int(rng.integers(3, 8))):
+        k = int(rng.integers(5, 9))
+        ang = np.sort(rng.uniform(0, 2 * math.pi, k))
+        rad = rng.uniform(0.3, 1.0, k) * rng.uniform(0.04, 0.09) * short
+        cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+        draw.polygon([(float(cx + r * math.cos(a)), float(cy + r * math.sin(a))) for a, r in zip(ang, rad)],
+                     fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+
+    return clutter_line
+
+
 def _render(class_index: int, num_classes: int, rng: np.random.Generator,
             size: tuple[int, int]) -> tuple[Image.Image, tuple[float, float, float, float]]:
     """make_image, also returning the object's bounding box (x0, y0, x1, y1) for crop sampling."""
@@ -59,21 +81,7 @@ def _render(class_index: int, num_classes: int, rng: np.random.Generator,
     img = Image.fromarray(field, "RGB").resize((w, h), Image.BILINEAR)
     draw = ImageDraw.Draw(img)
 
-    def clutter_line() -> None:
-        pts = rng.uniform(0, 1, size=4) * (w, h, w, h)
-        draw.line([float(v) for v in pts], fill=tuple(int(c) for c in rng.integers(0, 256, 3)),
-                  width=int(rng.integers(1, 4)))
-
-    # Clutter: thin lines and small jagged blobs, kept well below the object's size so they don't mimic it.
-    for _ in range(int(rng.integers(6, 14))):
-        clutter_line()
-    for _ in range(int(rng.integers(3, 8))):
-        k = int(rng.integers(5, 9))
-        ang = np.sort(rng.uniform(0, 2 * math.pi, k))
-        rad = rng.uniform(0.3, 1.0, k) * rng.uniform(0.04, 0.09) * short
-        cx, cy = rng.uniform(0, w), rng.uniform(0, h)
-        draw.polygon([(float(cx + r * math.cos(a)), float(cy + r * math.sin(a))) for a, r in zip(ang, rad)],
-                     fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    clutter_line = _draw_clutter(draw, rng, w, h, short)
 
     # The object: extent 25-45 % of the shorter side, fully inside the image, small rotation jitter only
     # (a large one would turn squares into diamonds).
