@@ -120,7 +120,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     if cfg.reference:
         drawn: dict[int, list] = {}
         for line in (out_dir / "ours" / "samples.tsv").read_text().splitlines()[1:]:
-            key, shard, status, _ = line.split("\t")
+            key, shard, status = line.split("\t")[:3]
             if status in ("distilled", "scored"):
                 drawn.setdefault(shard, set()).add(key)
         arg = out_dir / "reference-input.json"

@@ -94,7 +94,18 @@ class RuntimeConfig(_Section):
     batch_size: int = Field(64, ge=1, description="images per decode batch (does not change results)")
     dali_threads: int = Field(2, ge=1, description="DALI CPU threads (does not change results)")
     score_batch: int = Field(32, ge=1, description="patches per observer call; part of the numerics")
+    max_pixels: int = Field(40_000_000, ge=1, description="larger images (W x H, from the header) are skipped "
+                                                          "as too_large, never decoded")
+    max_batch_pixels: int = Field(100_000_000, ge=1, description="source pixels decoded at once at most "
+                                                                 "(bounds decode memory; does not change results)")
     progress: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> RuntimeConfig:
+        if self.max_batch_pixels < self.max_pixels:
+            raise ValueError(f"max_batch_pixels ({self.max_batch_pixels}) must be at least max_pixels "
+                             f"({self.max_pixels}): one image of the largest allowed size must fit a batch")
+        return self
 
 
 class OutputConfig(_Section):

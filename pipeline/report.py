@@ -15,7 +15,7 @@ from typing import Any, TextIO
 from tqdm import tqdm
 
 # Ledger statuses, in the order a sample can reach them.
-SKIPPED = "skipped"  # with a reason: missing_image, missing_label, bad_label, unknown_class, undecodable
+SKIPPED = "skipped"  # with a reason (shards/README.md lists them)
 EXCLUDED = "excluded_class"  # its class is not in data.class_subset
 NOT_DRAWN = "not_drawn"  # not in the uniform per-class subset
 SCORED = "scored"  # drawn and scored, but its key patch did not make the cut
@@ -65,26 +65,41 @@ class Timings:
                 for name, s in self.stages.items()}
 
 
+_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def escape_field(text: str) -> str:
+    """A key or shard name as one TSV field: backslash, tab, newline and carriage return as \\\\, \\t, \\n,
+    \\r; any other character Python does not call printable (controls, line and paragraph separators) as
+    \\xNN or \\uNNNN; everything else as is. Reversible, and no reader splits a row inside a field."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(_ESCAPES.get(c) or (c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 256
+                                      else f"\\u{ord(c):04x}") for c in text)
+
+
 class Ledger:
-    """One TSV row per input sample (key, shard, status, reason), written as samples are decided, so
-    the ledger costs no memory; the counts go into report.json."""
+    """One TSV row per input sample (key, shard, status, reason, offset), written as samples are decided, so
+    the ledger costs no memory; the counts go into report.json. Keys and shard names are escaped
+    (`escape_field`), so every sample is exactly one row for any TSV or `csv` reader."""
 
     def __init__(self, path: Path):
         self.path = path
-        self._file: TextIO = open(path, "w", encoding="utf-8")
-        self._file.write("key\tshard\tstatus\treason\n")
+        self._file: TextIO = open(path, "w", encoding="utf-8", newline="")
+        self._file.write("key\tshard\tstatus\treason\toffset\n")
         self.counts: Counter[str] = Counter()
         self.reasons: Counter[str] = Counter()
         self.examples: dict[str, list[str]] = {}
 
-    def record(self, key: str, shard: str, status: str, reason: str = "") -> None:
-        self._file.write(f"{key}\t{shard}\t{status}\t{reason}\n")
+    def record(self, key: str, shard: str, status: str, reason: str = "", offset: int = -1) -> None:
+        key, shard = escape_field(key), escape_field(shard)
+        self._file.write(f"{key}\t{shard}\t{status}\t{reason}\t{offset if offset >= 0 else ''}\n")
         self.counts[status] += 1
         if status == SKIPPED:
             self.reasons[reason] += 1
             examples = self.examples.setdefault(reason, [])
             if len(examples) < EXAMPLES_PER_REASON:
-                examples.append(f"{shard}:{key}")
+                examples.append(f"{shard}:{key}" + (f"@{offset}" if offset >= 0 else ""))
 
     def close(self) -> None:
         self._file.close()

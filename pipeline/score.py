@@ -75,13 +75,14 @@ class Candidates:
 
 
 def cut_candidates(batch: Sequence[SampleRef], read: Callable[[SampleRef], bytes], cutter: Cutter, *, seed: int,
-                   crops: int, patch_size: int,
-                   window: Callable[[int, str, int, int, int], Window]) -> tuple[Candidates, list[SampleRef]]:
+                   crops: int, patch_size: int, window: Callable[[int, str, int, int, int], Window],
+                   max_pixels: int) -> tuple[Candidates, list[tuple[SampleRef, str]]]:
     """Decode each image and cut its K windows, resized to the patch size. Returns (the candidates, the
-    images that could not be read or decoded)."""
+    images rejected with their reason: `undecodable`, or `too_large` when W x H from the header exceeds
+    `max_pixels`, checked before anything is decoded)."""
     requests: list[CutRequest] = []
     readable: list[tuple[SampleRef, tuple[int, int], list[Window]]] = []
-    undecodable: list[SampleRef] = []
+    rejected: list[tuple[SampleRef, str]] = []
     for ref in batch:
         try:
             encoded = read(ref)
@@ -89,19 +90,22 @@ def cut_candidates(batch: Sequence[SampleRef], read: Callable[[SampleRef], bytes
             encoded = b""
         size = image_size(encoded)
         if size is None:
-            undecodable.append(ref)
+            rejected.append((ref, "undecodable"))
+            continue
+        if size[0] * size[1] > max_pixels:
+            rejected.append((ref, "too_large"))
             continue
         windows = [window(seed, ref.key, k, *size) for k in range(crops)]
-        requests.append(CutRequest(encoded, windows, [(patch_size, patch_size)] * crops))
+        requests.append(CutRequest(encoded, windows, [(patch_size, patch_size)] * crops, size[0] * size[1]))
         readable.append((ref, size, windows))
     candidates = Candidates([], [])
     for item, patches in zip(readable, cutter.cut(requests)):
         if patches is None:
-            undecodable.append(item[0])
+            rejected.append((item[0], "undecodable"))
         else:
             candidates.images.append(item)
             candidates.patches.append(patches)
-    return candidates, undecodable
+    return candidates, rejected
 
 
 def key_patches(candidates: Candidates, scorer: Scorer) -> list[ScoredPatch]:

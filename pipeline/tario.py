@@ -125,6 +125,11 @@ class Sample:
     key: str
     members: list[Member]
 
+    @property
+    def offset(self) -> int:
+        """Where the sample starts: its first member's data offset (tells apart two samples of one key)."""
+        return self.members[0].offset
+
 
 @dataclass(frozen=True, slots=True)
 class BrokenAt:
@@ -155,11 +160,13 @@ def walk_samples(fileobj: BinaryIO, read: Callable[[str], bool] = lambda ext: Tr
                     break
                 if not info.isfile() or split is None:
                     continue
-                if split[0] != key:
+                ext = split[1].lower()
+                # a new key, or the same key with an extension it already has, starts a new sample
+                # (webdataset calls the latter a duplicate file name; we keep both and let the caller decide)
+                if split[0] != key or any(m.ext == ext for m in members):
                     if key is not None:
                         yield Sample(key, members)
                     key, members = split[0], []
-                ext = split[1].lower()
                 data = tar.extractfile(info).read() if read(ext) else None
                 members.append(Member(ext, info.offset_data, info.size, data))
             else:

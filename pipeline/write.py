@@ -124,7 +124,7 @@ def stitch(chunk: list[PlannedImage], shards: Sequence[Shard], class_names: dict
     for image in chunk:
         for (rank, p), (x0, y0, x1, y1) in zip(image.patches, boxes):
             encoded = read_member(shards[p.shard].path, p.offset, p.size)
-            requests.append(CutRequest(encoded, [p.window], [(x1 - x0, y1 - y0)]))
+            requests.append(CutRequest(encoded, [p.window], [(x1 - x0, y1 - y0)], p.image_size[0] * p.image_size[1]))
     cut = cutter.cut(requests)
     samples = []
     for i, image in enumerate(chunk):

@@ -125,7 +125,7 @@ def test_slice_to_ipc1_is_first_image_of_each_class_from_exact_top4(baseline_run
 
 def test_every_input_sample_is_accounted_once(baseline_run, data_dir):
     rows = [line.split("\t") for line in (baseline_run / "samples.tsv").read_text().splitlines()[1:]]
-    ledger_keys = sorted((shard.rsplit("/", 1)[-1], key) for key, shard, _, _ in rows)
+    ledger_keys = sorted((shard.rsplit("/", 1)[-1], key) for key, shard, _, _, _ in rows)
     input_keys = sorted((p.name, k) for p in sorted(data_dir.glob("train-*.tar")) for k in sample_keys(p))
     assert ledger_keys == input_keys  # each input sample exactly once
     report = json.loads((baseline_run / "report.json").read_text())
@@ -133,7 +133,7 @@ def test_every_input_sample_is_accounted_once(baseline_run, data_dir):
     assert acc["input_samples"] == len(input_keys) == NUM_CLASSES * PER_CLASS + sum(BAD.values())
     assert acc["distilled"] + acc["scored"] + acc["not_drawn"] + acc["excluded_class"] + sum(
         acc["skipped"].values()) == acc["input_samples"]
-    status = {key: (st, reason) for key, _, st, reason in rows}
+    status = {key: (st, reason) for key, _, st, reason, _ in rows}
     for kind in ("missing_label", "unknown_class", "bad_label"):  # found by the index pass
         (bad_key,) = [k for k in status if k.startswith(f"bad_{kind}_")]
         assert status[bad_key] == ("skipped", kind)
