@@ -62,3 +62,25 @@ def test_a_killed_rank_fails_the_job_cleanly(write_job, tmp_path):
     assert "rank      : 1" in stderr and "SIGKILL" in stderr  # torchrun names the rank and the cause
     assert not (out / "manifest.json").exists()
     assert not list(out.glob("*.tar"))
+
+
+def test_two_ranks_keep_the_same_copy_of_a_repeated_key(data_dir, tmp_path):
+    """A key in both shards, which two ranks read apart: the ranks exchange key hashes, so the copy in the
+    shard first by name wins, as in one process."""
+    from test_bad_input import job, normal, sample, write_tar
+
+    from rded.config import load_job
+    from rded.distill import run_distill
+
+    first = write_tar(tmp_path / "s-000.tar", normal("a") + sample("dup", 1, 905))
+    second = write_tar(tmp_path / "s-001.tar", sample("dup", 1, 906) + normal("b"))
+    path = job(tmp_path, data_dir, [second, first])
+    run_distill(load_job(path), tmp_path / "one")
+    proc = torchrun("distill", str(path), "--out", str(tmp_path / "two"))
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    for name in sorted(p.name for p in (tmp_path / "one").glob("*.tar")):
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    one, two = ((tmp_path / d / "samples.tsv").read_text().splitlines() for d in ("one", "two"))
+    assert sorted(one) == sorted(two)
+    assert sum("duplicate_key" in line for line in two) == 1
