@@ -231,12 +231,3 @@ def test_truncated_shard_keeps_what_came_before(write_job, data_dir, tmp_path):
     complete_before_cut = len(sample_keys(data_dir / "train-000000.tar")) // 2 - 2
     assert acc["input_samples"] > complete_before_cut + len(sample_keys(data_dir / "train-000001.tar"))
     assert (tmp_path / "out" / "manifest.json").is_file()
-
-
-def test_demo_runs_end_to_end(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--train-steps", "20"]) == 0
-    assert "rded demo finished" in capsys.readouterr().out
-    m10 = json.loads((tmp_path / "demo" / "ipc10" / "manifest.json").read_text())
-    m1 = json.loads((tmp_path / "demo" / "ipc1" / "manifest.json").read_text())
-    assert m10["images"] == 60 and m1["images"] == 6
-    assert (tmp_path / "demo" / "ipc10" / "contact-sheet.png").is_file()

@@ -131,10 +131,14 @@ def test_normalizations_are_the_published_ones():
     assert torch.allclose(IMAGENET(x), (x.float() / 255 - mean) / std, atol=1e-5)
 
 
-def test_two_demos_on_one_machine_give_identical_shards(tmp_path, capsys):
+def test_demo_runs_end_to_end_and_twice_gives_identical_shards(tmp_path, capsys):
     for name in ("a", "b"):
         assert main(["demo", "--out", str(tmp_path / name), "--train-steps", "15"]) == 0
-    capsys.readouterr()
+        assert "rded demo finished" in capsys.readouterr().out
+    m10 = json.loads((tmp_path / "a" / "ipc10" / "manifest.json").read_text())
+    m1 = json.loads((tmp_path / "a" / "ipc1" / "manifest.json").read_text())
+    assert m10["images"] == 60 and m1["images"] == 6
+    assert (tmp_path / "a" / "ipc10" / "contact-sheet.png").is_file()
     for sub in ("ipc10", "ipc1"):
         names = sorted(p.name for p in (tmp_path / "a" / sub).glob("*.tar"))
         assert names and names == sorted(p.name for p in (tmp_path / "b" / sub).glob("*.tar"))
