@@ -279,7 +279,7 @@ def train_observer(num_classes: int, *, resolution: int = 64, factor: int = 2, s
     """
     log = log or (lambda _msg: None)
     rng = np.random.default_rng(seed)
-    pool = _make_pool(num_classes, min(2000, max(64, 3 * steps)), rng)
+    pool = _make_pool(num_classes, min(2000, max(64, 4 * steps)), rng)  # ~3 s at most
     with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's global RNG
         torch.manual_seed(seed)
         model = SmallCNN(num_classes, width=OBSERVER_WIDTH)
