@@ -212,6 +212,8 @@ def slice_run(src: Path, ipc: int, out_dir: Path, *, overwrite: bool = False) ->
     if ipc not in manifest.tiers:
         raise RunError(f"{src}: ipc {ipc} is not a tier of this run; its tiers are {manifest.tiers} "
                        "(set distill.slices when distilling to get others)")
+    if out_dir.exists() and out_dir.resolve() == Path(src).resolve():
+        raise RunError(f"{out_dir}: a slice cannot replace the run it is cut from")
     check_output(out_dir, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_previous_run(out_dir)

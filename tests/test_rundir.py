@@ -107,6 +107,12 @@ def test_slice_manifest_is_typed_and_records_its_source(baseline_run, tmp_path):
     verify_run(tmp_path / "s1")
 
 
+def test_a_slice_cannot_replace_its_own_run(run_copy, capsys):
+    assert main(["slice", str(run_copy), "--ipc", "1", "--out", str(run_copy), "--overwrite"]) == 2
+    assert "cannot replace the run it is cut from" in capsys.readouterr().err
+    verify_run(run_copy)  # untouched
+
+
 def test_resized_crop_equals_torchvision(tmp_path):
     """The loader's torch-only resized crop is torchvision's, pixel for pixel (so labels match views)."""
     from torchvision.transforms.v2 import functional as TF
