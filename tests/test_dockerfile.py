@@ -1,4 +1,6 @@
-"""The container image: lints clean, and installs the project exactly as the README's set-up does."""
+"""The container image: lints clean, and installs the project exactly as the README's set-up does, in two
+cached phases (dependencies from pyproject.toml first, then the code). Building and running it is
+`pytest -m container` (tests/test_container.py)."""
 
 from __future__ import annotations
 
@@ -19,17 +21,45 @@ def readme_setup_commands() -> set[str]:
     return {line.split("&&")[0].strip() for line in block.splitlines() if "&&" in line}
 
 
-def dockerfile_runs() -> list[str]:
-    return [m.group(1).strip() for m in re.finditer(r"^RUN (.+)$", (ROOT / "Dockerfile").read_text(), re.M)]
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) in order, continuation lines joined, comments dropped."""
+    text = re.sub(r"^\s*#.*\n", "", (ROOT / "Dockerfile").read_text(), flags=re.M)
+    text = re.sub(r"\\\n\s*", " ", text)
+    return [(m.group(1).upper(), m.group(2).strip()) for m in re.finditer(r"^(\w+)\s+(.*)$", text, re.M)]
 
 
 def test_dockerfile_installs_as_the_readme_does():
     setup = readme_setup_commands()
     assert setup == {"./setup.sh"}, setup  # both quick-start commands share one set-up
-    assert "./setup.sh" in dockerfile_runs()
+    steps = dockerfile_instructions()
+
+    def index(instruction: str, pattern: str) -> int:
+        found = [i for i, (ins, args) in enumerate(steps) if ins == instruction and re.search(pattern, args)]
+        assert len(found) == 1, (instruction, pattern, steps)
+        return found[0]
+
+    # setup.sh's two phases, which together are the plain ./setup.sh: the dependencies from pyproject.toml
+    # alone, then the code without them, so a code change keeps the dependency layer
+    deps_copy = index("COPY", r"^pyproject\.toml setup\.sh \./$")
+    deps = index("RUN", r"(^|[;&] *)\./setup\.sh --deps-only$")
+    code_copy = index("COPY", r"^pipeline ")
+    code = index("RUN", r"^\./setup\.sh --no-deps$")
+    assert deps_copy < deps < code_copy < code
+    assert not any(ins in ("COPY", "ADD") for ins, _ in steps[deps_copy + 1:deps])
     text = (ROOT / "Dockerfile").read_text()
-    for needed in ("COPY pyproject.toml", "COPY pipeline", 'ENTRYPOINT ["rded"]', "USER 1000"):
+    for needed in ('ENTRYPOINT ["rded"]', "USER 1000"):
         assert needed in text
+
+
+def test_setup_phases_are_the_plain_setup():
+    """--deps-only installs pyproject's dependencies, test extras and build requirements; --no-deps rded."""
+    script = (ROOT / "setup.sh").read_text()
+    assert "pip_install -e '.[test]'" in script
+    for needed in ('["build-system"]["requires"]', '["project"]["dependencies"]',
+                   '["project"]["optional-dependencies"]["test"]', "--no-deps --no-build-isolation -e ."):
+        assert needed in script
+    proc = subprocess.run([str(ROOT / "setup.sh"), "--bogus"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "usage" in proc.stderr
 
 
 def test_dockerfile_lints_clean():
