@@ -252,7 +252,7 @@ class BenchConfig(_Command):
 
 class DemoConfig(_Command):
     out: Path = Path("rded-demo")
-    train_steps: int = Field(600, ge=1, description="observer training steps (a fixed count: reproducible)")
+    train_steps: int = Field(1000, ge=1, description="observer training steps (a fixed count: reproducible)")
     seed: int = Field(0, ge=0)
 
 
