@@ -24,7 +24,7 @@ from .config import BenchConfig, JobConfig, load_job
 from .distill import run_distill
 from .observer import build_observer
 from .records import SampleRef
-from .report import peak_rss_mib
+from .report import escape_field, peak_rss_mib
 from .runtime import resolve_devices
 from .score import Scorer
 from .source import expand_shards, load_classes, scan_shard
@@ -170,7 +170,7 @@ def _reference_main(arg: str, out: str) -> None:
     for i, shard in enumerate(shards):
         keys = set(spec["drawn"].get(shard.name, []))
         for rec in scan_shard(i, shard.path):
-            if isinstance(rec, SampleRef) and rec.key in keys:
+            if isinstance(rec, SampleRef) and escape_field(rec.key) in keys:  # the ledger escapes keys
                 drawn.setdefault(rec.label, []).append((rec.key, rec.shard, rec.offset, rec.size))
     print(json.dumps(reference_style(job, drawn, Path(out))))
 
