@@ -47,14 +47,20 @@ def register(name: str, *, normalization: Normalization, input_size: int, needs_
     return add
 
 
+def _first_line(e: Exception) -> str:
+    """A library error's first line: one message for the user, not a wall of text."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def load_state_dict(path: Path) -> dict:
     """A weights file read with `weights_only=True` (tensors and containers, never code), whatever
     TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says: torch honours an explicit argument over it."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and format errors all mean the same to the user
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise JobError(f"observer.weights: cannot read {path} as a weights file (tensors only): {first}") from None
+        raise JobError(f"observer.weights: cannot read {path} as a weights file (tensors only): "
+                       f"{_first_line(e)}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -77,7 +83,7 @@ def efficientnet_lite0(cfg: ObserverConfig, weights: Path | None) -> nn.Module:
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except (RuntimeError, TypeError, AttributeError) as e:
-        raise JobError(f"observer.weights: {weights} does not fit efficientnet-lite0: {str(e).splitlines()[0]}") from None
+        raise JobError(f"observer.weights: {weights} does not fit efficientnet-lite0: {_first_line(e)}") from None
     expected_missing = set() if num_classes == 1000 else {"_fc.weight", "_fc.bias"}
     if set(missing) != expected_missing or unexpected:
         raise JobError(f"observer.weights: {weights} does not fit efficientnet-lite0 "
@@ -99,7 +105,7 @@ def torchvision_by_name(cfg: ObserverConfig, weights: Path | None) -> nn.Module:
     try:
         model.load_state_dict(load_state_dict(weights))
     except (RuntimeError, TypeError) as e:
-        raise JobError(f"observer.weights: {weights} does not fit {cfg.arch}: {str(e).splitlines()[0]}") from None
+        raise JobError(f"observer.weights: {weights} does not fit {cfg.arch}: {_first_line(e)}") from None
     return model
 
 
@@ -111,8 +117,7 @@ def torchscript(cfg: ObserverConfig, weights: Path | None) -> nn.Module:
             warnings.simplefilter("ignore", FutureWarning)
             return torch.jit.load(str(weights), map_location="cpu")
     except (RuntimeError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise JobError(f"observer.weights: {weights} is not a TorchScript file: {first}") from None
+        raise JobError(f"observer.weights: {weights} is not a TorchScript file: {_first_line(e)}") from None
 
 
 # -- building one

@@ -127,11 +127,16 @@ def _check_sha(run_dir: Path, name: str, actual: str, expected: str) -> None:
                        "(the shard was changed or damaged after the run)")
 
 
-def read_verified(run_dir: Path, name: str, sha256: str) -> dict[str, dict[str, bytes]]:
-    """A shard of a run, read whole and checked against its recorded sha256: key -> {extension: bytes}."""
+def _listed_file(run_dir: Path, name: str) -> Path:
     path = Path(run_dir) / name
     if not path.is_file():
         raise RunError(f"{path}: missing (listed in the manifest)")
+    return path
+
+
+def read_verified(run_dir: Path, name: str, sha256: str) -> dict[str, dict[str, bytes]]:
+    """A shard of a run, read whole and checked against its recorded sha256: key -> {extension: bytes}."""
+    path = _listed_file(run_dir, name)
     data = path.read_bytes()
     _check_sha(run_dir, name, hashlib.sha256(data).hexdigest(), sha256)
     try:
@@ -145,10 +150,7 @@ def verify_run(run_dir: Path, manifest: Manifest | None = None) -> Manifest:
     manifest = manifest or read_manifest(run_dir)
     for shard in manifest.shards:
         for name, sha in _shard_files(shard):
-            path = Path(run_dir) / name
-            if not path.is_file():
-                raise RunError(f"{path}: missing (listed in the manifest)")
-            _check_sha(run_dir, name, sha256_file(path), sha)
+            _check_sha(run_dir, name, sha256_file(_listed_file(run_dir, name)), sha)
     return manifest
 
 
@@ -220,9 +222,7 @@ def slice_run(src: Path, ipc: int, out_dir: Path, *, overwrite: bool = False) ->
     kept = [s for s in manifest.shards if s.tier <= ipc]
     for shard in kept:
         for name, sha in _shard_files(shard):
-            if not (src / name).is_file():
-                raise RunError(f"{src / name}: missing (listed in the manifest)")
-            copy_atomic(src / name, out_dir / name, check=lambda actual, name=name, sha=sha: _check_sha(src, name, actual, sha))
+            copy_atomic(_listed_file(src, name), out_dir / name, check=lambda actual, name=name, sha=sha: _check_sha(src, name, actual, sha))
     sliced = replace(manifest, ipc=ipc, tiers=[t for t in manifest.tiers if t <= ipc], shards=kept,
                      images=sum(s.samples for s in kept),
                      sliced_from={"ipc": manifest.ipc, "tiers": manifest.tiers},
