@@ -82,6 +82,45 @@ class ObserverConfig(_Section):
         "identity", description="dataset class i -> observer output i, or classes.json's imagenet_index")
 
 
+class RefineConfig(_Section):
+    """FADRM refinement of the stitched images (off by default); the defaults are the authors'."""
+
+    enabled: bool = Field(False, description="optimise the stitched images against the observer(s) before relabelling")
+    iterations: int = Field(2000, ge=1, description="total optimisation steps, split evenly across the resolutions")
+    resolutions: list[int] = Field([200, 224, 200, 224], min_length=1,
+                                   description="side of the optimised image in each stage")
+    merge: float = Field(0.5, ge=0.0, le=1.0, description="alpha: x <- alpha x + (1 - alpha) original at each "
+                                                          "stage boundary (none after the last stage)")
+    lr: float = Field(0.25, gt=0, description="Adam learning rate (cosine to 0 over all iterations)")
+    bn_weight: float = Field(0.01, ge=0, description="weight of the BN-statistics terms; 0 needs no BN layers")
+    first_bn_multiplier: float = Field(10.0, ge=0, description="extra weight of the first BN layer")
+    jitter: int = Field(32, ge=0, description="largest random roll per step, px")
+    observers: list[ObserverConfig] = Field([], description="observers used in turn, one per iteration, in the "
+                                                            "form of [observer]; empty: the job's observer")
+    amp: bool = Field(True, description="bfloat16 autocast on the GPU (ignored on the CPU)")
+    micro_batch: int = Field(256, ge=1, description="images per forward pass; a larger batch is split and its BN "
+                                                   "statistics accumulated exactly; part of the numerics")
+
+    @field_validator("resolutions")
+    @classmethod
+    def _sizes(cls, v: list[int]) -> list[int]:
+        bad = [r for r in v if not 16 <= r <= 4096]
+        if bad:
+            raise ValueError(f"every resolution must be between 16 and 4096 px; got {bad}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> RefineConfig:
+        if self.iterations % len(self.resolutions):
+            raise ValueError(f"iterations ({self.iterations}) must split evenly across the "
+                             f"{len(self.resolutions)} resolutions")
+        return self
+
+    @property
+    def stage_iterations(self) -> int:
+        return self.iterations // len(self.resolutions)
+
+
 class RelabelConfig(_Section):
     enabled: bool = Field(True, description="write soft-label shards beside the distilled shards")
     views: int = Field(300, ge=0, le=65535, description="training views labelled per image (one per epoch)")
@@ -120,6 +159,7 @@ class JobConfig(_Section):
     data: DataConfig
     distill: DistillConfig = DistillConfig()
     observer: ObserverConfig
+    refine: RefineConfig = RefineConfig()
     relabel: RelabelConfig = RelabelConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     output: OutputConfig = OutputConfig()
@@ -133,6 +173,8 @@ class JobConfig(_Section):
         """The configuration as recorded in the manifest (no machine-specific base directory)."""
         d = self.model_dump(mode="json")
         d.pop("base_dir")
+        if not self.refine.enabled:  # the default: a run without refinement records what it always did
+            d.pop("refine")
         return d
 
 

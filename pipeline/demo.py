@@ -13,7 +13,7 @@ import time
 from .config import DemoConfig, load_job
 from .distill import run_distill
 from .rundir import slice_run
-from .synthetic import save_torchscript, train_observer, write_synthetic_shards
+from .synthetic import save_weights, train_observer, write_synthetic_shards
 
 NUM_CLASSES = 6
 PER_CLASS = 120
@@ -35,8 +35,15 @@ score_mode = "pad"
 seed = {seed}
 
 [observer]
-kind = "torchscript"
+kind = "small-cnn"
 weights = "observer.pt"
+
+[refine]
+# FADRM refinement of the stitched images; turn it on with --set refine.enabled=true
+enabled = false
+iterations = 200
+resolutions = [56, 64, 56, 64]
+jitter = 8
 
 [runtime]
 progress = {progress}
@@ -55,7 +62,7 @@ def run_demo(cfg: DemoConfig) -> None:
     write_synthetic_shards(out / "data", num_classes=NUM_CLASSES, per_class=PER_CLASS, num_shards=4, seed=cfg.seed)
     log(f"training a small CNN observer for {cfg.train_steps} steps")
     model = train_observer(NUM_CLASSES, resolution=RESOLUTION, factor=2, steps=cfg.train_steps, seed=cfg.seed, log=log)
-    save_torchscript(model, out / "observer.pt")
+    save_weights(model, out / "observer.pt")
     job_path = out / "job.toml"
     job_path.write_text(JOB.format(resolution=RESOLUTION, seed=cfg.seed,
                                    progress="true" if sys.stderr.isatty() else "false"))

@@ -10,6 +10,7 @@ wrong with the job is checked before work starts; outputs are staged and publish
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .config import JobConfig
+from .config import JobConfig, ObserverConfig
 from .crops import Cutter
 from .dist import Ranks, from_environment, shutdown
 from .errors import JobError
@@ -29,6 +30,7 @@ from .heap import PerClassTopK
 from .keyed import centre_square, crop_window
 from .observer import Observer, build_observer, check_observer
 from .records import ClassInfo, SampleRef, ScoredPatch, Shard, Skipped, best_first, draw_order
+from .refine import Refiner, Spool
 from .relabel import LabelStats, Relabeler, labels_summary, write_label_shard
 from .report import (DISTILLED, EXCLUDED, NOT_DRAWN, SCORED, SKIPPED, Ledger, Timings, concat_ledgers,
                      merge_accounting, peak_rss_mib, progress_bar)
@@ -40,8 +42,8 @@ from .select import SubsetDraw
 from .source import (FirstOccurrence, canonical_order, expand_shards, load_classes, scan_shard,
                      shard_key_hashes)
 from .tario import read_member
-from .write import (PlannedImage, WriteResult, WriteSettings, merge_results, output_shards, plan_images, stitch,
-                    write_contact_sheet, write_image_shard)
+from .write import (PlannedImage, WriteResult, WriteSettings, cut_canvases, merge_results, output_shards,
+                    plan_images, stitch, write_contact_sheet, write_image_shard)
 
 
 def log(msg: str) -> None:
@@ -117,6 +119,8 @@ def run_distill(job: JobConfig, out_dir: Path, *, overwrite: bool = False) -> Su
     shards = expand_shards(job)
     classes = load_classes(job)
     check_observer(job, classes)
+    for i, spec in enumerate(job.refine.observers if job.refine.enabled else []):
+        check_observer(job, classes, spec, where=f"refine.observers[{i}]")
     device, decoder = resolve_devices(job.runtime.device, job.runtime.decoder)
     check_output(out_dir, overwrite)
     ranks = from_environment(len(shards), use_cuda=device.type == "cuda")
@@ -138,6 +142,7 @@ def _distill(run: Run) -> Summary:
     cfg = run.job.distill
     with run.timings.stage("observer_load", items=1, unit="models"):
         observer = build_observer(run.job, run.classes, run.device)
+        refiner = make_refiner(run, observer) if run.job.refine.enabled else None
     set_classes(run, observer)
     ledger_name = "samples.tsv" if run.ranks.world == 1 else f".samples.rank{run.ranks.rank}.tsv"
     run.ledger = Ledger(run.staging / ledger_name)
@@ -154,14 +159,15 @@ def _distill(run: Run) -> Summary:
         for c in sorted(local_winners):
             for w in local_winners[c]:
                 run.record(w, DISTILLED if (w.shard, w.key) in used else SCORED)
+        spool = refine_images(run, plan, refiner) if refiner is not None else None
         relabeler = None
         if run.job.relabel.enabled:
             relabeler = Relabeler(scorer, seed=cfg.seed, views=run.job.relabel.views, resolution=cfg.resolution,
                                   factor=cfg.factor, topk=run.job.relabel.topk)
-        written, label_stats = write_and_relabel(run, plan, relabeler)
+        written, label_stats = write_and_relabel(run, plan, relabeler, spool)
     finally:
         run.ledger.close()
-    return finish(run, written, label_stats, relabeler, drawn_count, scored)
+    return finish(run, written, label_stats, relabeler, drawn_count, scored, spool)
 
 
 def set_classes(run: Run, observer: Observer) -> None:
@@ -266,13 +272,71 @@ def decode_crop_score(run: Run, drawn: list[SampleRef], scorer: Scorer, window: 
     return local_winners, sum(run.ranks.gather(scored))
 
 
-def write_and_relabel(run: Run, plan: list[PlannedImage], relabeler: Relabeler | None) -> tuple[WriteResult, LabelStats]:
-    """Stitch the planned images of the output shards this rank owns, write them, and label each shard's
-    images from their stored bytes. Returns every rank's results, merged."""
+def describe_observer(spec: ObserverConfig) -> str:
+    """An observer in a record: its kind, architecture and weights file name."""
+    return spec.kind + (f":{spec.arch}" if spec.arch else "") + (f" ({Path(spec.weights).name})" if spec.weights else "")
+
+
+def refine_observer_names(job: JobConfig) -> list[str]:
+    return [describe_observer(spec) for spec in job.refine.observers or [job.observer]]
+
+
+def make_refiner(run: Run, observer: Observer) -> Refiner:
+    """The refine stage's observers (the job's when refine.observers is empty), checked for BN layers now,
+    before any data is read."""
+    cfg = run.job.refine
+    observers = [observer] if not cfg.observers else [
+        build_observer(run.job, run.classes, run.device, spec) for spec in cfg.observers]
+    return Refiner(cfg, observers, refine_observer_names(run.job), seed=run.job.distill.seed,
+                   resolution=run.job.distill.resolution)
+
+
+def refine_images(run: Run, plan: list[PlannedImage], refiner: Refiner) -> Spool:
+    """Refine every planned image, a batch per image index (image j of every class, so tiers stay exact);
+    this rank takes the batches j = rank (mod world). The refined images wait in a spool for the writer."""
+    cfg = run.job.distill
+    settings = WriteSettings(cfg.resolution, cfg.factor, 0, "", 0, 0, 0)
+    spool = Spool(run.staging / ".refined")
+    batches: dict[int, list[PlannedImage]] = {}
+    for image in plan:
+        batches.setdefault(image.image_index, []).append(image)
+    cutter = run.cutter(1)
+    bar = run.progress(len(plan), "refining")
+    for j in sorted(batches):
+        if j % run.ranks.world != run.ranks.rank:
+            continue
+        images = batches[j]
+        with run.timings.stage("refine", len(images)):
+            canvases = np.stack(cut_canvases(images, run.shards, settings, cutter))
+            refined, record = refiner.refine(canvases, [im.label for im in images], j)
+        for image, pixels in zip(images, refined):
+            spool.put(image.key, pixels)
+        spool.put_record(record)
+        first, last = record.stages[0], record.stages[-1]
+        if run.ranks.is_main and not run.job.runtime.progress:
+            log(f"refined batch {j} (image {j} of {len(images)} classes): loss {first.loss_start:.3f} -> {last.loss_end:.3f}")
+        bar.update(len(images))
+    bar.close()
+    run.ranks.barrier()
+    return spool
+
+
+def write_and_relabel(run: Run, plan: list[PlannedImage], relabeler: Relabeler | None,
+                      spool: Spool | None = None) -> tuple[WriteResult, LabelStats]:
+    """Stitch (or take from the refine spool) the planned images of the output shards this rank owns, write
+    them, and label each shard's images from their stored bytes. Returns every rank's results, merged."""
     out, cfg = run.job.output, run.job.distill
     settings = WriteSettings(cfg.resolution, cfg.factor, out.shard_size, out.image_format, out.jpeg_quality,
                              out.contact_sheet_classes, out.contact_sheet_images)
     cutter = run.cutter(1)
+    refined = None
+    if spool is not None:
+        observers = refine_observer_names(run.job)
+        stages = {r["image_index"]: r["stages"] for r in spool.records()}
+
+        def from_spool(image: PlannedImage) -> tuple[np.ndarray, dict[str, Any]]:
+            return spool.image(image.key), {"observers": observers, "stages": stages[image.image_index]}
+        refined = from_spool
     result, stats = WriteResult(), LabelStats()
     bar = run.progress(len(plan), "writing + relabelling" if relabeler else "writing")
     relabel_seconds, started = 0.0, time.perf_counter()
@@ -280,7 +344,7 @@ def write_and_relabel(run: Run, plan: list[PlannedImage], relabeler: Relabeler |
         if not run.ranks.owns_output(shard_no):
             continue
         samples = stitch(chunk, run.shards, run.class_names, settings, cutter, result,
-                         on_image=bar.update if relabeler is None else lambda n: None)
+                         on_image=bar.update if relabeler is None else lambda n: None, refined=refined)
         record = write_image_shard(run.staging, shard_no, chunk[0].tier, samples)
         if relabeler is not None:
             t0 = time.perf_counter()
@@ -297,7 +361,7 @@ def write_and_relabel(run: Run, plan: list[PlannedImage], relabeler: Relabeler |
 
 
 def finish(run: Run, result: WriteResult, label_stats: LabelStats, relabeler: Relabeler | None,
-           drawn_count: dict[int, int], scored: int) -> Summary:
+           drawn_count: dict[int, int], scored: int, spool: Spool | None = None) -> Summary:
     """The run's records (manifest, report, ledger, contact sheet), written and published by the main rank."""
     cfg, ranks = run.job.distill, run.ranks
     accounting = merge_accounting(ranks.gather(run.ledger.summary()))
@@ -320,6 +384,16 @@ def finish(run: Run, result: WriteResult, label_stats: LabelStats, relabeler: Re
         decoder=run.decoder, ipc=cfg.ipc, tiers=cfg.tiers, images=summary.images,
         classes=[ClassRecord(c, run.class_names[c], drawn_count.get(c, 0), n) for c, n in per_class.items()],
         shards=result.shards)
+    refine_report = None
+    if spool is not None:
+        manifest.refine = {"settings": run.job.refine.model_dump(mode="json", exclude={"enabled", "observers"}),
+                           "observers": refine_observer_names(run.job),
+                           "batches": spool.records()}
+        shutil.rmtree(spool.dir)
+        stage = run.timings.stages.get("refine")
+        refine_report = {"seconds_per_image": round(stage.seconds / stage.items, 4) if stage and stage.items else None,
+                         "peak_gpu_mib": (round(torch.cuda.max_memory_allocated(run.device) / 2**20, 1)
+                                          if run.device.type == "cuda" else None)}
     if relabeler is not None:
         manifest.labels = labels_summary(relabeler, label_stats, sum(s.bytes for s in result.shards),
                                          sum(s.labels["bytes"] for s in result.shards))
@@ -333,6 +407,7 @@ def finish(run: Run, result: WriteResult, label_stats: LabelStats, relabeler: Re
         "accounting": accounting,
         "short_classes": short,
         "end_to_end_images_per_s": round(scored / seconds, 2) if seconds else None,
+        **({"refine": refine_report} if refine_report else {}),
     })
     publish(run.out_dir, manifest)
     return summary

@@ -16,7 +16,7 @@ from torch import nn
 
 from .config import JobConfig, ObserverConfig
 from .errors import JobError
-from .models import torchvision_classifier, torchvision_names
+from .models import SmallCNN, torchvision_classifier, torchvision_names
 from .normalization import BY_NAME, IMAGENET, LITE, Normalization
 from .records import ClassInfo
 
@@ -109,6 +109,19 @@ def torchvision_by_name(cfg: ObserverConfig, weights: Path | None) -> nn.Module:
     return model
 
 
+@register("small-cnn", normalization=IMAGENET, input_size=64, needs_weights=True)
+def small_cnn(cfg: ObserverConfig, weights: Path | None) -> nn.Module:
+    """The demo's small CNN (rded.models.SmallCNN) from a state dict; its width and class count are read
+    from the weights, so the file alone describes it."""
+    state = load_state_dict(weights)
+    try:
+        model = SmallCNN(state["head.weight"].shape[0], width=state["features.0.weight"].shape[0])
+        model.load_state_dict(state)
+    except (KeyError, RuntimeError, TypeError, AttributeError) as e:
+        raise JobError(f"observer.weights: {weights} is not a small-cnn state dict: {_first_line(e)}") from None
+    return model
+
+
 @register("torchscript", normalization=IMAGENET, input_size=224, needs_weights=True)
 def torchscript(cfg: ObserverConfig, weights: Path | None) -> nn.Module:
     """A TorchScript archive: any model, no code needed to load it."""
@@ -138,8 +151,8 @@ class Observer:
         return self.model(x).float().index_select(1, self.output_index)
 
 
-def _weights_path(job: JobConfig) -> Path | None:
-    return None if job.observer.weights is None else job.path(job.observer.weights)
+def _weights_path(job: JobConfig, cfg: ObserverConfig) -> Path | None:
+    return None if cfg.weights is None else job.path(cfg.weights)
 
 
 def observer_kind(cfg: ObserverConfig) -> ObserverKind:
@@ -149,30 +162,36 @@ def observer_kind(cfg: ObserverConfig) -> ObserverKind:
     return kind
 
 
-def check_observer(job: JobConfig, classes: list[ClassInfo] | None) -> None:
-    """Everything about the observer that can be wrong, checked before any work starts."""
-    cfg = job.observer
-    kind = observer_kind(cfg)
-    kind.check(cfg)
-    path = _weights_path(job)
+def check_observer(job: JobConfig, classes: list[ClassInfo] | None, cfg: ObserverConfig | None = None,
+                   where: str = "observer") -> None:
+    """Everything about an observer (the job's, or `cfg` found at `where`) that can be wrong, checked
+    before any work starts."""
+    cfg = cfg or job.observer
+    try:
+        kind = observer_kind(cfg)
+        kind.check(cfg)
+    except JobError as e:
+        raise JobError(str(e).replace("observer.", f"{where}.")) from None
+    path = _weights_path(job, cfg)
     if kind.needs_weights and path is None:
-        raise JobError(f"observer.kind = '{cfg.kind}' needs observer.weights (a local file)")
+        raise JobError(f"{where}.kind = '{cfg.kind}' needs {where}.weights (a local file)")
     if path is not None and not path.is_file():
-        raise JobError(f"observer.weights: file not found: {path}")
+        raise JobError(f"{where}.weights: file not found: {path}")
     if cfg.class_map == "imagenet_index":
         if classes is None:
-            raise JobError("observer.class_map = 'imagenet_index' needs data.classes (a classes.json)")
+            raise JobError(f"{where}.class_map = 'imagenet_index' needs data.classes (a classes.json)")
         missing = [c.name for c in classes if c.imagenet_index is None]
         if missing:
             raise JobError(f"data.classes: no imagenet_index for {', '.join(missing[:5])}")
 
 
-def build_observer(job: JobConfig, classes: list[ClassInfo] | None, device: torch.device) -> Observer:
-    """The observer on `device`. Dataset classes are those of classes.json, or else (identity map) the
-    observer's outputs."""
-    cfg = job.observer
+def build_observer(job: JobConfig, classes: list[ClassInfo] | None, device: torch.device,
+                   cfg: ObserverConfig | None = None) -> Observer:
+    """The observer (the job's, or `cfg`) on `device`. Dataset classes are those of classes.json, or else
+    (identity map) the observer's outputs."""
+    cfg = cfg or job.observer
     kind = observer_kind(cfg)
-    model = kind.factory(cfg, _weights_path(job)).eval().to(device)
+    model = kind.factory(cfg, _weights_path(job, cfg)).eval().to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     normalization = kind.normalization if cfg.normalization == "auto" else BY_NAME[cfg.normalization]

@@ -69,6 +69,7 @@ class Manifest:
     shards: list[ShardRecord]
     labels: dict[str, Any] | None = None  # soft-label format, size and fidelity; None without relabel
     sliced_from: dict[str, Any] | None = None  # {ipc, tiers} of the run a slice was cut from
+    refine: dict[str, Any] | None = None  # settings, observers and per-batch stage records; None unrefined
 
     @property
     def resolution(self) -> int:
@@ -80,7 +81,7 @@ class Manifest:
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        for optional in ("labels", "sliced_from"):
+        for optional in ("labels", "sliced_from", "refine"):
             if d[optional] is None:
                 del d[optional]
         return d
@@ -227,6 +228,8 @@ def slice_run(src: Path, ipc: int, out_dir: Path, *, overwrite: bool = False) ->
                      images=sum(s.samples for s in kept),
                      sliced_from={"ipc": manifest.ipc, "tiers": manifest.tiers},
                      classes=[replace(c, images=min(c.images, ipc)) for c in manifest.classes])
+    if manifest.refine is not None:  # the batches of the images kept
+        sliced.refine = {**manifest.refine, "batches": [b for b in manifest.refine["batches"] if b["image_index"] < ipc]}
     write_json(out_dir / MANIFEST, sliced.to_json())
     return sliced
 

@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from .models import SmallCNN
 from .normalization import IMAGENET
 from .tario import write_bytes_atomic, write_tar
 
-__all__ = ["SHAPES", "BAD_KINDS", "SmallCNN", "make_image", "save_torchscript", "train_observer",
+__all__ = ["SHAPES", "BAD_KINDS", "SmallCNN", "make_image", "save_torchscript", "save_weights", "train_observer",
            "write_synthetic_shards"]
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "star", "diamond", "bar")
 BAD_KINDS = ("undecodable", "missing_label", "unknown_class", "bad_label")
@@ -183,30 +184,6 @@ def write_synthetic_shards(out_dir: Path, *, num_classes: int = 6, per_class: in
     return paths
 
 
-class SmallCNN(torch.nn.Module):
-    """Three stride-2 stages of conv-BN-ReLU pairs, global max pooling, linear head; any input >= 16 px.
-
-    Max rather than average pooling: the object is small among clutter (and a scored patch fills only the centre
-    of a zero-padded input), so averaging dilutes its evidence; max pooling learns about twice as fast here.
-    """
-
-    def __init__(self, num_classes: int, width: int = 32):
-        super().__init__()
-        layers: list[torch.nn.Module] = []
-        cin = 3
-        for cout in (width, 2 * width, 4 * width):
-            for stride in (2, 1):
-                layers += [torch.nn.Conv2d(cin, cout, 3, stride, 1, bias=False), torch.nn.BatchNorm2d(cout),
-                           torch.nn.ReLU(inplace=True)]
-                cin = cout
-        self.features = torch.nn.Sequential(*layers)
-        self.head = torch.nn.Linear(cin, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)
-        return self.head(torch.flatten(F.adaptive_max_pool2d(x, 1), 1))
-
-
 def _to_tensor(arrays: list[np.ndarray]) -> torch.Tensor:
     """uint8 HWC arrays of one size -> float NCHW normalised with ImageNet mean/std (the scorer's rule)."""
     return IMAGENET(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2))
@@ -307,6 +284,13 @@ def train_observer(num_classes: int, *, resolution: int = 64, factor: int = 2, s
     log(f"observer: {steps} steps of {batch_size}, held-out accuracy {accs[0]:.1%} on whole images, "
         f"{accs[1]:.1%} on padded object crops ({num_classes} classes)")
     return model
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """Save `model`'s state dict atomically at `path` (observer kind `small-cnn` reads it back)."""
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    write_bytes_atomic(Path(path), buf.getvalue())
 
 
 def save_torchscript(model: torch.nn.Module, path: Path) -> None:

@@ -113,20 +113,18 @@ def provenance(image: PlannedImage, boxes: Sequence[tuple[int, int, int, int]], 
     }
 
 
-def stitch(chunk: list[PlannedImage], shards: Sequence[Shard], class_names: dict[int, str],
-           settings: WriteSettings, cutter: Cutter, result: WriteResult,
-           on_image: Callable[[int], None] = lambda n: None) -> list[Sample]:
-    """The distilled images of one output shard: each cell re-cut from its source image at the cell's
-    size, encoded, with its class and provenance. Counts and contact-sheet thumbnails go to `result`."""
+def cut_canvases(chunk: Sequence[PlannedImage], shards: Sequence[Shard], settings: WriteSettings,
+                 cutter: Cutter) -> list[np.ndarray]:
+    """The stitched images (uint8 S x S x 3) of `chunk`: each cell re-cut from its source image at the cell's
+    own size."""
     boxes = cell_boxes(settings.resolution, settings.factor)
-    sheet_classes = set(sorted(class_names)[:settings.sheet_classes])
     requests = []
     for image in chunk:
         for (rank, p), (x0, y0, x1, y1) in zip(image.patches, boxes):
             encoded = read_member(shards[p.shard].path, p.offset, p.size)
             requests.append(CutRequest(encoded, [p.window], [(x1 - x0, y1 - y0)], p.image_size[0] * p.image_size[1]))
     cut = cutter.cut(requests)
-    samples = []
+    canvases = []
     for i, image in enumerate(chunk):
         canvas = np.zeros((settings.resolution, settings.resolution, 3), np.uint8)
         cells = cut[i * len(boxes):(i + 1) * len(boxes)]
@@ -134,7 +132,30 @@ def stitch(chunk: list[PlannedImage], shards: Sequence[Shard], class_names: dict
             if patch is None:  # decoded when scored, so only a changed file gets here
                 raise RuntimeError(f"source image {p.key} in {shards[p.shard].name} no longer decodes")
             canvas[y0:y1, x0:x1] = patch[0]
+        canvases.append(canvas)
+    return canvases
+
+
+# a refined image and its record for the provenance, by image key (None: the stitched image as it is)
+RefinedSource = Callable[[PlannedImage], "tuple[np.ndarray, dict[str, Any]]"]
+
+
+def stitch(chunk: list[PlannedImage], shards: Sequence[Shard], class_names: dict[int, str],
+           settings: WriteSettings, cutter: Cutter, result: WriteResult,
+           on_image: Callable[[int], None] = lambda n: None, refined: RefinedSource | None = None) -> list[Sample]:
+    """The distilled images of one output shard (stitched, or their refined form from `refined`), encoded,
+    with class and provenance. Counts and contact-sheet thumbnails go to `result`."""
+    boxes = cell_boxes(settings.resolution, settings.factor)
+    sheet_classes = set(sorted(class_names)[:settings.sheet_classes])
+    if refined is None:
+        made = [(canvas, None) for canvas in cut_canvases(chunk, shards, settings, cutter)]
+    else:
+        made = [refined(image) for image in chunk]
+    samples = []
+    for image, (canvas, refine_record) in zip(chunk, made):
         meta = provenance(image, boxes, settings, shards, class_names[image.label])
+        if refine_record is not None:
+            meta["refine"] = refine_record
         samples.append((image.key, {
             settings.image_format: encode_image(canvas, settings.image_format, settings.jpeg_quality),
             "cls": str(image.label).encode(),
