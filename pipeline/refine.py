@@ -76,7 +76,7 @@ class BNTerm:
         grad_mean, grad_var = torch.autograd.grad(value, (mean, var))
         self.mean, self.grad_mean, self.grad_var = mean.detach(), grad_mean, grad_var
         self.mode = "surrogate"
-        return float(value)
+        return value.item()
 
     def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         x = inputs[0].float()
@@ -220,7 +220,7 @@ class Refiner:
             bn = sum((t.weight * t.value for t in terms), torch.zeros((), device=z.device))
             loss = ce + cfg.bn_weight * bn
             loss.backward()
-            return float(loss), float(ce), float(bn)
+            return loss.item(), ce.item(), bn.item()
         bn_value = 0.0
         if terms:
             for t in terms:
@@ -234,7 +234,7 @@ class Refiner:
             ce = F.cross_entropy(forward(a, b), labels[a:b], reduction="sum")
             surrogate = sum((t.weight * t.value for t in terms), torch.zeros((), device=z.device))
             (ce / n + cfg.bn_weight * surrogate).backward()
-            ce_sum += float(ce)
+            ce_sum += ce.item()
         for t in terms:
             t.mode = "off"
         return ce_sum / n + cfg.bn_weight * bn_value, ce_sum / n, bn_value
@@ -251,7 +251,7 @@ class Refiner:
         target = torch.tensor(list(labels), dtype=torch.long, device=self.device)
         low, high = (-_MEAN / _STD).to(self.device), ((1 - _MEAN) / _STD).to(self.device)
         per_stage = cfg.stage_iterations
-        z = resize(original, cfg.resolutions[0])
+        z = resize(original, cfg.resolutions[0]).clone()  # never a view of the original: z is updated in place
         stages: list[StageRecord] = []
         for s, size in enumerate(cfg.resolutions):
             anchor = resize(original, size)

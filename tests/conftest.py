@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rded.synthetic import SmallCNN, save_torchscript, write_synthetic_shards
+from rded.synthetic import SmallCNN, save_torchscript, save_weights, write_synthetic_shards
 
 NUM_CLASSES = 3
 PER_CLASS = 14
@@ -25,6 +25,8 @@ def data_dir(tmp_path_factory) -> Path:
                            size_range=(40, 72), bad_samples=BAD)
     torch.manual_seed(0)
     save_torchscript(SmallCNN(NUM_CLASSES, width=8).eval(), out / "observer.pt")
+    torch.manual_seed(1)  # the same architecture as a state dict (kind small-cnn): its BN layers can be hooked
+    save_weights(SmallCNN(NUM_CLASSES, width=8), out / "observer-state.pt")
     return out
 
 
@@ -55,6 +57,8 @@ def toml_value(v) -> str:
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # an inline table
+        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
     return str(v)
 
 

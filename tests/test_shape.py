@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
 LAYERS = [
     {"errors", "keyed", "records", "geometry", "normalization", "tario", "labels", "heap", "models", "runtime"},
     {"config", "rundir", "report", "dist"},
-    {"source", "select", "crops", "observer", "score", "write", "relabel", "loader", "synthetic", "train"},
+    {"source", "select", "crops", "observer", "score", "write", "refine", "relabel", "loader", "synthetic", "train"},
     {"distill"},
     {"evaluate", "bench", "demo"},
     {"cli", "__main__", "__init__"},
