@@ -176,3 +176,16 @@ def test_bn_less_observer_is_refused_unless_bn_weight_is_0(write_job, tmp_path, 
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
     assert main(["distill", str(write_job("nobn.toml", refine={**REFINE, "bn_weight": 0})),
                  "--out", str(tmp_path / "o")]) == 0
+
+
+def test_two_ranks_refine_as_one_process(refine_job, tmp_path):
+    """Under torchrun each rank refines its batches (j mod 2) and writes its shards from the shared spool."""
+    from test_distributed import torchrun
+
+    job = refine_job()
+    run_distill(load_job(job), tmp_path / "one")
+    proc = torchrun("distill", str(job), "--out", str(tmp_path / "two"))
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert run_files(tmp_path / "two") == run_files(tmp_path / "one")
+    assert not list((tmp_path / "two").glob(".*"))  # the spool went with the staging folder
