@@ -295,7 +295,6 @@ def refine_images(run: Run, plan: list[PlannedImage], refiner: Refiner) -> Spool
     """Refine every planned image, a batch per image index (image j of every class, so tiers stay exact);
     this rank takes the batches j = rank (mod world). The refined images wait in a spool for the writer."""
     cfg = run.job.distill
-    settings = WriteSettings(cfg.resolution, cfg.factor, 0, "", 0, 0, 0)
     spool = Spool(run.staging / ".refined")
     batches: dict[int, list[PlannedImage]] = {}
     for image in plan:
@@ -307,7 +306,7 @@ def refine_images(run: Run, plan: list[PlannedImage], refiner: Refiner) -> Spool
             continue
         images = batches[j]
         with run.timings.stage("refine", len(images)):
-            canvases = np.stack(cut_canvases(images, run.shards, settings, cutter))
+            canvases = np.stack(cut_canvases(images, run.shards, cfg.resolution, cfg.factor, cutter))
             refined, record = refiner.refine(canvases, [im.label for im in images], j)
         for image, pixels in zip(images, refined):
             spool.put(image.key, pixels)

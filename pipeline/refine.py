@@ -321,6 +321,3 @@ class Spool:
 
     def records(self) -> list[dict]:
         return [json.loads(p.read_text()) for p in sorted(self.dir.glob("batch-*.json"))]
-
-    def record(self, image_index: int) -> dict:
-        return json.loads((self.dir / f"batch-{image_index:06d}.json").read_text())

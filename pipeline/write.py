@@ -113,11 +113,11 @@ def provenance(image: PlannedImage, boxes: Sequence[tuple[int, int, int, int]], 
     }
 
 
-def cut_canvases(chunk: Sequence[PlannedImage], shards: Sequence[Shard], settings: WriteSettings,
+def cut_canvases(chunk: Sequence[PlannedImage], shards: Sequence[Shard], resolution: int, factor: int,
                  cutter: Cutter) -> list[np.ndarray]:
     """The stitched images (uint8 S x S x 3) of `chunk`: each cell re-cut from its source image at the cell's
     own size."""
-    boxes = cell_boxes(settings.resolution, settings.factor)
+    boxes = cell_boxes(resolution, factor)
     requests = []
     for image in chunk:
         for (rank, p), (x0, y0, x1, y1) in zip(image.patches, boxes):
@@ -126,7 +126,7 @@ def cut_canvases(chunk: Sequence[PlannedImage], shards: Sequence[Shard], setting
     cut = cutter.cut(requests)
     canvases = []
     for i, image in enumerate(chunk):
-        canvas = np.zeros((settings.resolution, settings.resolution, 3), np.uint8)
+        canvas = np.zeros((resolution, resolution, 3), np.uint8)
         cells = cut[i * len(boxes):(i + 1) * len(boxes)]
         for ((rank, p), (x0, y0, x1, y1), patch) in zip(image.patches, boxes, cells):
             if patch is None:  # decoded when scored, so only a changed file gets here
@@ -148,7 +148,8 @@ def stitch(chunk: list[PlannedImage], shards: Sequence[Shard], class_names: dict
     boxes = cell_boxes(settings.resolution, settings.factor)
     sheet_classes = set(sorted(class_names)[:settings.sheet_classes])
     if refined is None:
-        made = [(canvas, None) for canvas in cut_canvases(chunk, shards, settings, cutter)]
+        made = [(canvas, None) for canvas in cut_canvases(chunk, shards, settings.resolution, settings.factor,
+                                                            cutter)]
     else:
         made = [refined(image) for image in chunk]
     samples = []
