@@ -151,7 +151,7 @@ class OutputConfig(_Section):
     shard_size: int = Field(1000, ge=1, description="distilled images per shard (a tier always starts a shard)")
     image_format: Literal["jpg", "png"] = "jpg"
     jpeg_quality: int = Field(90, ge=1, le=100)
-    contact_sheet_classes: int = Field(50, ge=1, description="rows in contact-sheet.png at most")
+    contact_sheet_classes: int = Field(50, ge=1, description="rows in contact-sheet.png at most: the first classes that have images")
     contact_sheet_images: int = Field(10, ge=1, description="images per row in contact-sheet.png at most")
 
 

@@ -42,7 +42,7 @@ from .select import SubsetDraw
 from .source import (FirstOccurrence, canonical_order, expand_shards, load_classes, scan_shard,
                      shard_key_hashes)
 from .tario import read_member
-from .write import (PlannedImage, WriteResult, WriteSettings, cut_canvases, merge_results, output_shards,
+from .write import (PlannedImage, WriteResult, WriteSettings, contact_sheet_rows, cut_canvases, merge_results, output_shards,
                     plan_images, stitch, write_contact_sheet, write_image_shard)
 
 
@@ -326,7 +326,7 @@ def write_and_relabel(run: Run, plan: list[PlannedImage], relabeler: Relabeler |
     them, and label each shard's images from their stored bytes. Returns every rank's results, merged."""
     out, cfg = run.job.output, run.job.distill
     settings = WriteSettings(cfg.resolution, cfg.factor, out.shard_size, out.image_format, out.jpeg_quality,
-                             out.contact_sheet_classes, out.contact_sheet_images)
+                             contact_sheet_rows(plan, out.contact_sheet_classes), out.contact_sheet_images)
     cutter = run.cutter(1)
     refined = None
     if spool is not None:
@@ -374,10 +374,15 @@ def finish(run: Run, result: WriteResult, label_stats: LabelStats, relabeler: Re
                        run.staging / "samples.tsv")
     write_contact_sheet(run.staging / "contact-sheet.png", result.thumbnails)
     per_class = {c: result.images_per_class.get(c, 0) for c in sorted(run.wanted)}
-    short = {run.class_names[c]: n for c, n in per_class.items() if n < cfg.ipc}
+    # a class with no samples is normal when the classes are an observer's 1,000 outputs and the data has a few
+    empty = [run.class_names[c] for c, n in per_class.items() if n == 0]
+    short = {run.class_names[c]: n for c, n in per_class.items() if 0 < n < cfg.ipc}
     if short:
         log(f"warning: {len(short)} classes have fewer than ipc={cfg.ipc} images (too few decodable samples): "
             + ", ".join(f"{k}: {v}" for k, v in list(short.items())[:10]))
+    if empty:
+        log(f"note: {len(empty)} of {len(per_class)} classes have no images (no decodable samples): "
+            + ", ".join(empty[:10]) + (", ..." if len(empty) > 10 else ""))
     manifest = Manifest(
         format=MANIFEST_FORMAT, versions=versions(), job=run.job.public_dict(), device=run.device.type,
         decoder=run.decoder, ipc=cfg.ipc, tiers=cfg.tiers, images=summary.images,
@@ -405,6 +410,7 @@ def finish(run: Run, result: WriteResult, label_stats: LabelStats, relabeler: Re
         "stages": run.timings.as_dict(),
         "accounting": accounting,
         "short_classes": short,
+        "empty_classes": {"count": len(empty), "classes": empty},
         "end_to_end_images_per_s": round(scored / seconds, 2) if seconds else None,
         **({"refine": refine_report} if refine_report else {}),
     })

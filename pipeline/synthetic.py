@@ -21,10 +21,10 @@ from PIL import Image, ImageDraw
 
 from .models import SmallCNN
 from .normalization import IMAGENET
-from .tario import write_bytes_atomic, write_tar
+from .tario import Sample, walk_samples, write_bytes_atomic, write_tar
 
-__all__ = ["SHAPES", "BAD_KINDS", "SmallCNN", "make_image", "save_torchscript", "save_weights", "train_observer",
-           "write_synthetic_shards"]
+__all__ = ["SHAPES", "BAD_KINDS", "SmallCNN", "imagenet_class_counts", "make_image", "remap_labels",
+           "save_torchscript", "save_weights", "train_observer", "write_imagenet_shaped", "write_synthetic_shards"]
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "star", "diamond", "bar")
 BAD_KINDS = ("undecodable", "missing_label", "unknown_class", "bad_label")
 JPEG_QUALITY = 90
@@ -182,6 +182,79 @@ def write_synthetic_shards(out_dir: Path, *, num_classes: int = 6, per_class: in
     classes = [{"index": i, "name": SHAPES[i]} for i in range(num_classes)]
     write_bytes_atomic(out_dir / "classes.json", (json.dumps(classes, indent=2) + "\n").encode())
     return paths
+
+
+IMAGENET_TRAIN_SAMPLES = 1_281_167
+
+
+def imagenet_class_counts(samples: int, num_classes: int, seed: int = 0) -> np.ndarray:
+    """Samples per class shaped like ImageNet-1K's train split: most classes full, some short (ImageNet
+    has 732-1,300 per class), summing to exactly `samples`."""
+    full = math.ceil(samples / num_classes / 0.985)  # the shortfall: 1.5 % of the samples
+    counts = np.full(num_classes, full, np.int64)
+    deficit = int(counts.sum()) - samples
+    rng = np.random.default_rng([seed, 7])
+    short = rng.permutation(num_classes)[:max(1, num_classes // 10)]  # a tenth of the classes are short
+    for i, c in enumerate(short):
+        take = deficit // len(short) + (1 if i < deficit % len(short) else 0)
+        counts[c] -= min(take, int(counts[c]))
+    if int(counts.sum()) != samples:  # only when the short classes cannot absorb the deficit
+        raise ValueError(f"cannot spread {samples} samples over {num_classes} classes")
+    return counts
+
+
+def write_imagenet_shaped(out_dir: Path, *, samples: int = IMAGENET_TRAIN_SAMPLES, num_shards: int = 1024,
+                          num_classes: int = 1000, seed: int = 0, pool_size: int = 1024,
+                          size_range: tuple[int, int] = (32, 96), log: Callable[[str], None] | None = None
+                          ) -> list[Path]:
+    """Shards shaped like ImageNet-1K for scale tests: `samples` samples of `num_classes` classes
+    (imagenet_class_counts), shuffled across `num_shards` shards of near-equal size, keys like ImageNet's
+    (`c{class}_{n}`), labels as `.cls`. Images are drawn from a pool of `pool_size` small JPEGs of varied
+    sizes, so writing a million samples costs seconds of encoding and a few GB of disk."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = log or (lambda _msg: None)
+    rng = np.random.default_rng(seed)
+    lo, hi = size_range
+    pool = [_jpeg(make_image(i % len(SHAPES), len(SHAPES), rng, tuple(int(v) for v in rng.integers(lo, hi + 1, 2))))
+            for i in range(pool_size)]
+    counts = imagenet_class_counts(samples, num_classes, seed)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    order = rng.permutation(samples)  # sample id -> place in the shuffled stream
+    picks = rng.integers(0, pool_size, samples)
+    paths = [out_dir / f"train-{i:06d}.tar" for i in range(num_shards)]
+    for shard_no, (path, ids) in enumerate(zip(paths, np.array_split(order, num_shards))):
+        classes = np.searchsorted(starts, ids, side="right") - 1
+
+        def members(ids=ids, classes=classes):
+            for sample_id, c in zip(ids.tolist(), classes.tolist()):
+                yield (f"c{c:04d}_{sample_id - int(starts[c]):05d}",
+                       {"jpg": pool[picks[sample_id]], "cls": str(c).encode()})
+        write_tar(path, members())
+        if (shard_no + 1) % 64 == 0:
+            log(f"{shard_no + 1}/{num_shards} shards written")
+    return paths
+
+
+def remap_labels(src: Path, dst: Path, mapping: Mapping[int, int]) -> None:
+    """A copy of shard `src` at `dst` with every `.cls` label in `mapping` replaced (e.g. data-set indices
+    written as ImageNet indices); all else unchanged but extensions, which come out lower-cased. Labels not in `mapping` and
+    members that are not labels are copied as they are."""
+    with open(src, "rb") as f:
+        samples = []
+        for item in walk_samples(f):
+            if not isinstance(item, Sample):
+                raise OSError(f"{src}: the tar file breaks off at {item.key}")
+            members = {}
+            for m in item.members:
+                data = m.data
+                if m.ext == "cls":
+                    label = data.strip()
+                    if label.lstrip(b"-").isdigit() and int(label) in mapping:
+                        data = str(mapping[int(label)]).encode()
+                members[m.ext] = data
+            samples.append((item.key, members))
+    write_tar(Path(dst), samples)
 
 
 def _to_tensor(arrays: list[np.ndarray]) -> torch.Tensor:

@@ -37,6 +37,12 @@ class PlannedImage:
         return f"{self.label:05d}_{self.image_index:04d}"
 
 
+def contact_sheet_rows(plan: Sequence[PlannedImage], rows: int) -> frozenset[int]:
+    """The first `rows` classes that have images: with 1,000 observer classes and data for a few, the
+    sheet shows those few rather than rows of empty classes."""
+    return frozenset(sorted({image.label for image in plan})[:rows])
+
+
 def plan_images(winners: dict[int, list[ScoredPatch]], tiers: Sequence[int], cells: int) -> list[PlannedImage]:
     """All distilled images in output order: tier by tier, class by class, image by image."""
     per_class = {c: tier_layout(tiers, cells, len(w)) for c, w in winners.items()}
@@ -58,7 +64,7 @@ class WriteSettings:
     shard_size: int
     image_format: str
     jpeg_quality: int
-    sheet_classes: int
+    sheet_classes: frozenset[int]  # the contact sheet's rows (contact_sheet_rows)
     sheet_images: int
 
 
@@ -146,7 +152,6 @@ def stitch(chunk: list[PlannedImage], shards: Sequence[Shard], class_names: dict
     """The distilled images of one output shard (stitched, or their refined form from `refined`), encoded,
     with class and provenance. Counts and contact-sheet thumbnails go to `result`."""
     boxes = cell_boxes(settings.resolution, settings.factor)
-    sheet_classes = set(sorted(class_names)[:settings.sheet_classes])
     if refined is None:
         made = [(canvas, None) for canvas in cut_canvases(chunk, shards, settings.resolution, settings.factor,
                                                             cutter)]
@@ -163,7 +168,7 @@ def stitch(chunk: list[PlannedImage], shards: Sequence[Shard], class_names: dict
             "json": json.dumps(meta, sort_keys=True, separators=(",", ":")).encode(),
         }))
         result.images_per_class[image.label] = result.images_per_class.get(image.label, 0) + 1
-        if image.label in sheet_classes and image.image_index < settings.sheet_images:
+        if image.label in settings.sheet_classes and image.image_index < settings.sheet_images:
             result.thumbnails[(image.label, image.image_index)] = thumbnail(canvas)
         on_image(1)
     return samples
