@@ -148,3 +148,22 @@ def test_keyed_uniform_is_pure_and_spread():
     u = np.array([keyed_uniform(0, "t", i) for i in range(5000)])
     hist, _ = np.histogram(u, bins=10, range=(0, 1))
     assert chi2_inclusion(hist, 500) < 27.88  # 9 dof, p = 0.001
+
+
+def test_first_occurrence_matches_a_plain_set_across_shards():
+    """The compact sorted-array form decides like the obvious set of seen keys, with and without the
+    torchrun table of other shards' keys."""
+    from rded.source import FirstOccurrence, key_hash
+
+    rng = random.Random(5)
+    shards = [[f"k{rng.randrange(400)}" for _ in range(rng.randrange(0, 120))] for _ in range(12)]
+    seen: set[str] = set()
+    expected = []
+    for keys in shards:
+        expected.append([k not in seen and not seen.add(k) for k in keys])
+    mine = {p for p in range(12) if p % 3 == 1}  # under torchrun this rank reads these shards
+    table = {p: np.array(sorted({key_hash(k) for k in shards[p]}), np.uint64) for p in range(12) if p not in mine}
+    for first, positions in ((FirstOccurrence(), range(12)), (FirstOccurrence(table), sorted(mine))):
+        for p in positions:
+            first.next_shard(p)
+            assert [first.is_first(k) for k in shards[p]] == expected[p], p

@@ -1,0 +1,133 @@
+"""The scale benchmark: the whole job on a synthetic set shaped like ImageNet-1K (1,000 classes, 1,281,167
+samples in 1,024 shards), at 10 %, 30 % and 100 % of its shards, with a cheap observer, subset 300 and
+IPC 50. Reports wall time per stage, the index pass in samples/s, peak RSS, and the sizes of samples.tsv,
+manifest.json and report.json (docs/performance.md, "ImageNet-1K scale").
+
+    .venv/bin/python docs/scale_bench.py --data /scratch/imagenet-shaped --out /scratch/scale [--fractions 0.1,0.3,1]
+
+The set is written once under --data (about 5 GB, 5 minutes) and reused. The observer is an untrained
+SmallCNN with 1,000 outputs (TorchScript): its scores are arbitrary, its cost small, so the figures are the
+pipeline's own. Each run is a separate `rded distill` process, so peak RSS is that run's alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from rded.synthetic import IMAGENET_TRAIN_SAMPLES, SmallCNN, save_torchscript, write_imagenet_shaped
+
+SHARDS = 1024
+JOB = """[data]
+train = "{data}/train-{{000000..{last:06d}}}.tar"
+
+[distill]
+ipc = 50
+subset = 300
+crops = 5
+factor = 2
+resolution = 64
+seed = 0
+
+[observer]
+kind = "torchscript"
+weights = "{data}/observer-1000.pt"
+
+[relabel]
+views = {views}
+
+[runtime]
+batch_size = 256
+progress = false
+
+[output]
+shard_size = 1000
+"""
+
+
+def ensure_data(data: Path) -> None:
+    done = data / ".complete"
+    if not done.is_file():
+        t0 = time.perf_counter()
+        write_imagenet_shaped(data, samples=IMAGENET_TRAIN_SAMPLES, num_shards=SHARDS,
+                              log=lambda m: print(f"  {m}", file=sys.stderr, flush=True))
+        done.write_text(f"{time.perf_counter() - t0:.0f} s\n")
+    if not (data / "observer-1000.pt").is_file():
+        torch.manual_seed(0)
+        save_torchscript(SmallCNN(1000, width=8).eval(), data / "observer-1000.pt")
+
+
+def run_fraction(data: Path, out: Path, fraction: float, views: int) -> dict:
+    shards = max(1, round(SHARDS * fraction))
+    job = out / f"job-{shards}.toml"
+    job.write_text(JOB.format(data=data.resolve(), last=shards - 1, views=views))
+    run_dir = out / f"run-{shards}"
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "rded", "distill", str(job), "--out", str(run_dir), "--overwrite"],
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f"rded distill failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    report = json.loads((run_dir / "report.json").read_text())
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    stages = report["stages"]
+    index = stages["source_select"]
+    return {
+        "fraction": fraction, "shards": shards, "samples": report["accounting"]["input_samples"],
+        "drawn": sum(c["drawn"] for c in manifest["classes"]), "images": manifest["images"],
+        "wall_s": round(wall, 1), "job_s": report["seconds"], "peak_rss_mib": report["peak_rss_mib"],
+        "index_samples_per_s": round(index["items"] / index["seconds"]) if index["seconds"] else None,
+        "stages_s": {name: s["seconds"] for name, s in stages.items()},
+        "bytes": {name: (run_dir / name).stat().st_size for name in ("samples.tsv", "manifest.json", "report.json")},
+        "log_tail": proc.stderr.strip().splitlines()[-3:],
+    }
+
+
+def table(rows: list[dict]) -> str:
+    stage_names = [s for s in rows[0]["stages_s"]]
+    head = (["share", "shards", "samples", "drawn", "index samples/s"] + [f"{s} s" for s in stage_names]
+            + ["job s", "peak RSS MiB", "samples.tsv MB", "manifest KB", "report KB"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = ([f"{r['fraction']:.0%}", r["shards"], f"{r['samples']:,}", f"{r['drawn']:,}",
+                  f"{r['index_samples_per_s']:,}"] + [f"{r['stages_s'].get(s, 0):.1f}" for s in stage_names]
+                 + [f"{r['job_s']:.0f}", f"{r['peak_rss_mib']:.0f}", f"{r['bytes']['samples.tsv'] / 1e6:.1f}",
+                    f"{r['bytes']['manifest.json'] / 1e3:.0f}", f"{r['bytes']['report.json'] / 1e3:.1f}"])
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, required=True, help="where the synthetic set is (written if absent)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--fractions", default="0.1,0.3,1", help="shares of the 1,024 shards, comma-separated")
+    parser.add_argument("--views", type=int, default=4, help="relabel.views (stored views per image)")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    ensure_data(args.data)
+    rows = []
+    for fraction in (float(f) for f in args.fractions.split(",")):
+        print(f"running {fraction:.0%} of the shards ...", file=sys.stderr, flush=True)
+        rows.append(run_fraction(args.data, args.out, fraction, args.views))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        (args.out / "scale.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(table(rows))
+    first, last = rows[0], rows[-1]
+    print(f"\npeak RSS {last['peak_rss_mib']:.0f} MiB at {last['fraction']:.0%} vs {first['peak_rss_mib']:.0f} MiB at "
+          f"{first['fraction']:.0%}: {100 * (last['peak_rss_mib'] / first['peak_rss_mib'] - 1):+.1f} %")
+    print(f"host: {resource.getpagesize()} B pages, children's max RSS "
+          f"{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MiB; "
+          f"{math.ceil(sum(r['wall_s'] for r in rows))} s in all")
+
+
+if __name__ == "__main__":
+    main()
