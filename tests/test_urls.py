@@ -91,8 +91,9 @@ def same_outputs(out: Path, local: Path, names: dict[str, str]) -> None:
         assert ma == mb
         if all(k == v for k, v in names.items()):
             assert sa == sb
-    assert [rename(r["shard"].encode()).decode() for r in ledger(out)] == [r["shard"] for r in ledger(local)]
-    assert [r["key"] for r in ledger(out)] == [r["key"] for r in ledger(local)]
+    def rows(run: Path, f=lambda s: s) -> list[tuple]:  # sorted: ranks' ledgers are concatenated
+        return sorted((r["key"], f(r["shard"]), r["status"], r["reason"], r["offset"]) for r in ledger(run))
+    assert rows(out, lambda s: rename(s.encode()).decode()) == rows(local)
 
 
 def test_http_shards_match_local_files_and_are_read_at_most_twice(write_job, data_dir, baseline_run, tmp_path):
@@ -166,3 +167,19 @@ def test_a_url_listed_twice_is_exit_2(write_job, tmp_path, capsys):
     url = "http://127.0.0.1:9/train-000000.tar"
     rc = main(["distill", str(write_job(data={"train": [url, url]})), "--out", str(tmp_path / "o")])
     assert rc == 2 and "twice" in capsys.readouterr().err
+
+
+def test_two_ranks_over_pipe_shards_match_one_process(write_job, data_dir, baseline_run, tmp_path):
+    """Under torchrun (split by shard) a streamed shard is read three times: the ranks' key exchange, the
+    index pass and the fetch of drawn images; winners come from the spool, whichever rank scored them."""
+    from test_distributed import torchrun
+
+    log = tmp_path / "reads.log"
+    train = [f"pipe:echo {n} >> {log}; cat {data_dir}/train-{n}.tar" for n in ("000000", "000001")]
+    out = tmp_path / "two"
+    proc = torchrun("distill", str(write_job(data={"train": train})), "--out", str(out))
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert Counter(log.read_text().split()) == {"000000": 3, "000001": 3}
+    same_outputs(out, baseline_run, {t: str(data_dir / t.rsplit("/", 1)[1]) for t in train})
+    assert not list(out.glob(".*"))
