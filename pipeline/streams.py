@@ -13,6 +13,7 @@ import http.client
 import io
 import os
 import subprocess
+import tarfile
 import urllib.request
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -188,7 +189,17 @@ class MemberFetcher:
         try:
             if offset < self._stream.tell():
                 raise StreamBroken(f"{shard.name}: members asked out of order (offset {offset})")
-            self._stream.seek(offset)
+            # the member's own header block ends where its data starts: a stream that changed since the
+            # index pass (a command or server giving other bytes) is caught here, not silently mis-read
+            self._stream.seek(offset - tarfile.BLOCKSIZE)
+            header = self._stream.read(tarfile.BLOCKSIZE)
+            try:
+                same = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape").size == size
+            except tarfile.TarError:
+                same = False
+            if not same:
+                raise StreamBroken(f"{shard.name}: no member of {size} bytes at offset {offset} this time "
+                                   "(the stream differs from the index pass)")
             data = self._stream.read(size)
             if len(data) != size:
                 raise StreamBroken(f"{shard.name}: the stream ended at offset {offset + len(data)}, "

@@ -183,3 +183,20 @@ def test_two_ranks_over_pipe_shards_match_one_process(write_job, data_dir, basel
     assert Counter(log.read_text().split()) == {"000000": 3, "000001": 3}
     same_outputs(out, baseline_run, {t: str(data_dir / t.rsplit("/", 1)[1]) for t in train})
     assert not list(out.glob(".*"))
+
+
+def test_a_stream_that_changed_since_the_index_pass_is_caught(data_dir, tmp_path):
+    from rded.records import SampleRef, Shard
+    from rded.source import scan_shard
+    from rded.streams import MemberFetcher, StreamBroken
+
+    refs = [r for r in scan_shard(0, data_dir / SHARDS[0]) if isinstance(r, SampleRef)]
+    same = MemberFetcher([Shard("a", None, f"pipe:cat {data_dir / SHARDS[0]}")], tmp_path / "a")
+    assert [same(0, r.offset, r.size) for r in refs[:3]] == [(data_dir / SHARDS[0]).read_bytes()[r.offset:r.offset + r.size]
+                                                            for r in refs[:3]]
+    same.close()
+    other = MemberFetcher([Shard("b", None, f"pipe:cat {data_dir / SHARDS[1]}")], tmp_path / "b")
+    with pytest.raises(StreamBroken, match="differs"):
+        for r in refs:
+            other(0, r.offset, r.size)
+    other.close()
