@@ -169,7 +169,7 @@ def _reference_main(arg: str, out: str) -> None:
     drawn: dict[int, list] = {}
     for i, shard in enumerate(shards):
         keys = set(spec["drawn"].get(shard.name, []))
-        for rec in scan_shard(i, shard.path):
+        for rec in scan_shard(i, shard):
             if isinstance(rec, SampleRef) and escape_field(rec.key) in keys:  # the ledger escapes keys
                 drawn.setdefault(rec.label, []).append((rec.key, rec.shard, rec.offset, rec.size))
     print(json.dumps(reference_style(job, drawn, Path(out))))

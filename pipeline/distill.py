@@ -41,9 +41,9 @@ from .score import Scorer, cut_candidates, key_patches
 from .select import SubsetDraw
 from .source import (FirstOccurrence, canonical_order, expand_shards, load_classes, scan_shard,
                      shard_key_hashes)
-from .tario import read_member
-from .write import (PlannedImage, WriteResult, WriteSettings, contact_sheet_rows, cut_canvases, merge_results, output_shards,
-                    plan_images, stitch, write_contact_sheet, write_image_shard)
+from .streams import MemberFetcher, SpooledMembers
+from .write import (PlannedImage, WriteResult, WriteSettings, contact_sheet_rows, cut_canvases, merge_results,
+                    output_shards, plan_images, stitch, write_contact_sheet, write_image_shard)
 
 
 def log(msg: str) -> None:
@@ -93,10 +93,25 @@ class Run:
     class_names: dict[int, str] = field(default_factory=dict)
     wanted: set[int] = field(default_factory=set)
     ledger: Ledger | None = None
+    _winners: SpooledMembers | None = None
 
     @property
     def staging(self) -> Path:
         return self.out_dir / STAGING
+
+    @property
+    def stream_spool(self) -> Path:
+        """Streamed shards' scored image bytes, for the writer (rded.streams); removed before publishing."""
+        return self.staging / ".streamed"
+
+    def read_winner(self, p: ScoredPatch) -> bytes:
+        return self.winners(p.shard, p.offset, p.size)
+
+    @property
+    def winners(self) -> SpooledMembers:
+        if self._winners is None:
+            self._winners = SpooledMembers(self.shards, self.stream_spool)
+        return self._winners
 
     def record(self, item: SampleRef | ScoredPatch | Skipped, status: str, reason: str = "") -> None:
         self.ledger.record(item.key, self.shards[item.shard].name, status, reason, item.offset)
@@ -193,14 +208,14 @@ def source_and_select(run: Run) -> tuple[list[SampleRef], dict[int, int]]:
     positions = ranks.shard_positions(len(order))
     shard_keys = None
     if ranks.world > 1 and ranks.split_by_shard:  # copies of a key may sit in other ranks' shards
-        shard_keys = {p: h for part in ranks.gather({p: shard_key_hashes(run.shards[order[p]].path)
+        shard_keys = {p: h for part in ranks.gather({p: shard_key_hashes(run.shards[order[p]])
                                                      for p in positions}) for p, h in part.items()}
     first = FirstOccurrence(shard_keys)
     draw = SubsetDraw(cfg.seed, cfg.subset)
     seen = 0
     for position in positions:
         first.next_shard(position)
-        for rec in scan_shard(order[position], run.shards[order[position]].path):
+        for rec in scan_shard(order[position], run.shards[order[position]]):
             if not ranks.owns_sample(position, rec.key):
                 continue
             seen += 1
@@ -248,28 +263,44 @@ def decode_crop_score(run: Run, drawn: list[SampleRef], scorer: Scorer, window: 
     cutter = run.cutter(cfg.crops)
     bar = run.progress(len(drawn), "scoring")
     scored = 0
-    for start in range(0, len(drawn), runtime.batch_size):
-        batch = drawn[start:start + runtime.batch_size]
-        with run.timings.stage("decode_crop", len(batch)):
-            candidates, rejected = cut_candidates(
-                batch, lambda r: read_member(run.shards[r.shard].path, r.offset, r.size), cutter,
-                seed=cfg.seed, crops=cfg.crops, patch_size=cfg.patch_size, window=window,
-                max_pixels=runtime.max_pixels)
-        with run.timings.stage("score", len(candidates.images) * cfg.crops, unit="patches"):
-            best = key_patches(candidates, scorer)
-        for ref, reason in rejected:
-            run.record(ref, SKIPPED, reason)
-        with run.timings.stage("heap", len(best)):
-            for patch in best:
-                for d in ranking.push(patch):
-                    run.record(d, SCORED)
-        scored += len(best)
-        bar.update(len(batch))
+    # `drawn` is in (shard name, offset) order, so a streamed shard is one forward pass here
+    fetch = MemberFetcher(run.shards, run.stream_spool, run.ranks.rank)
+    try:
+        for start in range(0, len(drawn), runtime.batch_size):
+            scored += _score_batch(run, drawn[start:start + runtime.batch_size], fetch, cutter, scorer, window,
+                                   ranking)
+            bar.update(min(runtime.batch_size, len(drawn) - start))
+    finally:
+        fetch.close()  # the spool is complete before the ranks merge their winners
     bar.close()
     local_winners, dropped = ranking.finish()
     for d in dropped:
         run.record(d, SCORED)
     return local_winners, sum(run.ranks.gather(scored))
+
+
+def _score_batch(run: Run, batch: list[SampleRef], fetch: MemberFetcher, cutter: Cutter, scorer: Scorer,
+                 window: Callable, ranking: PerClassTopK[ScoredPatch]) -> int:
+    """Decode, crop and score one batch of drawn images into the per-class top-k; returns images scored."""
+    cfg, runtime = run.job.distill, run.job.runtime
+    with run.timings.stage("decode_crop", len(batch)):
+        candidates, rejected = cut_candidates(
+            batch, lambda r: fetch(r.shard, r.offset, r.size), cutter,
+            seed=cfg.seed, crops=cfg.crops, patch_size=cfg.patch_size, window=window,
+            max_pixels=runtime.max_pixels)
+    with run.timings.stage("score", len(candidates.images) * cfg.crops, unit="patches"):
+        best = key_patches(candidates, scorer)
+    for ref, reason in rejected:
+        run.record(ref, SKIPPED, reason)
+    with run.timings.stage("heap", len(best)):
+        out = set()
+        for patch in best:
+            for d in ranking.push(patch):
+                run.record(d, SCORED)
+                out.add((d.shard, d.offset))
+    # only a patch still in the top-k can become a winner: spool its bytes (streamed shards)
+    fetch.keep((p.shard, p.offset) for p in best if (p.shard, p.offset) not in out)
+    return len(best)
 
 
 def describe_observer(spec: ObserverConfig) -> str:
@@ -306,7 +337,8 @@ def refine_images(run: Run, plan: list[PlannedImage], refiner: Refiner) -> Spool
             continue
         images = batches[j]
         with run.timings.stage("refine", len(images)):
-            canvases = np.stack(cut_canvases(images, run.shards, cfg.resolution, cfg.factor, cutter))
+            canvases = np.stack(cut_canvases(images, run.shards, cfg.resolution, cfg.factor, cutter,
+                                              read=run.read_winner))
             refined, record = refiner.refine(canvases, [im.label for im in images], j)
         for image, pixels in zip(images, refined):
             spool.put(image.key, pixels)
@@ -343,7 +375,8 @@ def write_and_relabel(run: Run, plan: list[PlannedImage], relabeler: Relabeler |
         if not run.ranks.owns_output(shard_no):
             continue
         samples = stitch(chunk, run.shards, run.class_names, settings, cutter, result,
-                         on_image=bar.update if relabeler is None else lambda n: None, refined=refined)
+                         on_image=bar.update if relabeler is None else lambda n: None, refined=refined,
+                         read=run.read_winner)
         record = write_image_shard(run.staging, shard_no, chunk[0].tier, samples)
         if relabeler is not None:
             t0 = time.perf_counter()
@@ -372,6 +405,7 @@ def finish(run: Run, result: WriteResult, label_stats: LabelStats, relabeler: Re
     if ranks.world > 1:
         concat_ledgers([run.staging / f".samples.rank{r}.tsv" for r in range(ranks.world)],
                        run.staging / "samples.tsv")
+    shutil.rmtree(run.stream_spool, ignore_errors=True)
     write_contact_sheet(run.staging / "contact-sheet.png", result.thumbnails)
     per_class = {c: result.images_per_class.get(c, 0) for c in sorted(run.wanted)}
     # a class with no samples is normal when the classes are an observer's 1,000 outputs and the data has a few

@@ -19,6 +19,7 @@ from .crops import Cutter, CutRequest, image_size
 from .keyed import Window
 from .observer import Observer
 from .records import SampleRef, ScoredPatch
+from .streams import StreamBroken
 
 
 class Scorer:
@@ -78,14 +79,17 @@ def cut_candidates(batch: Sequence[SampleRef], read: Callable[[SampleRef], bytes
                    crops: int, patch_size: int, window: Callable[[int, str, int, int, int], Window],
                    max_pixels: int) -> tuple[Candidates, list[tuple[SampleRef, str]]]:
     """Decode each image and cut its K windows, resized to the patch size. Returns (the candidates, the
-    images rejected with their reason: `undecodable`, or `too_large` when W x H from the header exceeds
-    `max_pixels`, checked before anything is decoded)."""
+    images rejected with their reason: `undecodable`, `too_large` when W x H from the header exceeds
+    `max_pixels`, checked before anything is decoded, or `corrupt_shard` when a streamed shard broke)."""
     requests: list[CutRequest] = []
     readable: list[tuple[SampleRef, tuple[int, int], list[Window]]] = []
     rejected: list[tuple[SampleRef, str]] = []
     for ref in batch:
         try:
             encoded = read(ref)
+        except StreamBroken:  # the shard's stream failed before reaching this sample
+            rejected.append((ref, "corrupt_shard"))
+            continue
         except OSError:
             encoded = b""
         size = image_size(encoded)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 from braceexpand import braceexpand
@@ -18,23 +20,60 @@ from .config import JobConfig
 from .errors import JobError
 from .keyed import keyed_u64
 from .records import ClassInfo, SampleRef, Shard, Skipped
+from .streams import open_shard
 from .tario import BrokenAt, walk_samples
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def shard_location(job: JobConfig, name: str) -> Shard:
+    """A shard as webdataset takes it: a local path, `file:` (relative to the job file, like paths),
+    `http://` / `https://` (streamed) or `pipe:COMMAND` (the command's stdout, streamed)."""
+    if name.startswith("pipe:"):
+        return Shard(name, None, name)
+    if name.startswith("file:"):
+        rest = name[5:]
+        return Shard(name, job.path(unquote(urlsplit(name).path) if rest.startswith("//") else rest))
+    m = _SCHEME.match(name)
+    if m is None:
+        return Shard(name, job.path(name))
+    if m.group(1).lower() in ("http", "https"):
+        return Shard(name, None, name)
+    raise JobError(f"data.train: {name}: unsupported URL scheme {m.group(1)!r} "
+                   "(use a path, file:, http://, https:// or pipe:COMMAND)")
 
 
 def expand_shards(job: JobConfig) -> list[Shard]:
     shards: list[Shard] = []
     for pattern in job.data.train:
         for name in braceexpand(pattern):
-            shards.append(Shard(name=name, path=job.path(name)))
-    missing = [s.name for s in shards if not s.path.is_file()]
+            shards.append(shard_location(job, name))
+    local = [s for s in shards if s.url is None]
+    missing = [s.name for s in local if not s.path.is_file()]
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise JobError(f"data.train: shard not found: {', '.join(missing[:5])}{more}")
-    if len({s.path.resolve() for s in shards}) != len(shards):
+    # a URL cannot be checked cheaply up front: one that fails is a corrupt_shard when read
+    if len({s.path.resolve() if s.url is None else s.url for s in shards}) != len(shards):
         raise JobError("data.train: the same shard is listed twice")
-    return shards
+    return [replace(s, output_name=n) for s, n in zip(shards, output_names([s.name for s in shards]))]
+
+
+def output_names(names: Sequence[str]) -> list[str]:
+    """The shards' names in the outputs: their file names (the last `/` part, without a URL's query) when
+    those differ from each other, else the names from the first `/` part where they differ. So the same
+    shards read from a local path, `file:`, `http(s)://` or `pipe:cat` give byte-identical distilled
+    shards, and a run's images do not record where its input happened to sit."""
+    parts = [(urlsplit(n).path if _SCHEME.match(n) else n).split("/") for n in names]
+    if len({p[-1] for p in parts}) == len(parts):
+        return [p[-1] for p in parts]
+    common = 0
+    while all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
+        common += 1
+    return ["/".join(p[common:]) for p in parts]
 
 
 def load_classes(job: JobConfig) -> list[ClassInfo] | None:
@@ -55,13 +94,14 @@ def load_classes(job: JobConfig) -> list[ClassInfo] | None:
     return sorted(classes, key=lambda c: c.index)
 
 
-def scan_shard(shard_index: int, path: Path) -> Iterator[SampleRef | Skipped]:
+def scan_shard(shard_index: int, source: Shard | Path) -> Iterator[SampleRef | Skipped]:
     """One record per sample (consecutive members sharing a key), reading only headers and labels.
 
-    A shard that breaks off (truncated or corrupt tar) ends with one `Skipped(reason='corrupt_shard')`
-    naming the sample where reading stopped; the complete samples before it are kept.
+    A shard that breaks off (truncated or corrupt tar, a stream that fails, one that cannot be opened at
+    all) ends with one `Skipped(reason='corrupt_shard')` naming the sample where reading stopped; the
+    complete samples before it are kept.
     """
-    with open(path, "rb") as f:
+    with open_shard(source) as f:
         for item in walk_samples(f, read=lambda ext: ext == "cls"):
             if isinstance(item, BrokenAt):
                 yield Skipped(item.key, shard_index, "corrupt_shard")
@@ -136,9 +176,10 @@ class FirstOccurrence:
         return True
 
 
-def shard_key_hashes(path: Path) -> np.ndarray:
-    """The distinct key hashes of one shard (a header walk), for the ranks' exchange before indexing."""
-    with open(path, "rb") as f:
+def shard_key_hashes(source: Shard | Path) -> np.ndarray:
+    """The distinct key hashes of one shard (a header walk), for the ranks' exchange before indexing.
+    (For a streamed shard this is one more read of it, made only by torchrun runs split by shard.)"""
+    with open_shard(source) as f:
         hashes = {key_hash(item.key) for item in walk_samples(f, read=lambda ext: False)
                   if not isinstance(item, BrokenAt)}
     return np.fromiter(hashes, np.uint64, len(hashes))

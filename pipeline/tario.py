@@ -144,9 +144,11 @@ def walk_samples(fileobj: BinaryIO, read: Callable[[str], bool] = lambda ext: Tr
     sample it broke inside is not yielded; the complete samples before it are.
 
     `tarfile` stops silently at a broken header, so truncation is checked by hand: a member running past
-    the end of the file, or anything but zero padding after the last header.
+    the end of the file, or anything but zero padding after the last header. A forward-only stream
+    (`seekable()` false, see rded.streams) has no size to check against: it raises when data ends early,
+    and is read to its end so that the source's verdict (exit status, Content-Length) is checked too.
     """
-    file_size = fileobj.seek(0, os.SEEK_END)
+    file_size = fileobj.seek(0, os.SEEK_END) if fileobj.seekable() else None
     fileobj.seek(0)
     key: str | None = None
     members: list[Member] = []
@@ -155,7 +157,7 @@ def walk_samples(fileobj: BinaryIO, read: Callable[[str], bool] = lambda ext: Tr
         with tarfile.open(fileobj=fileobj, mode="r:") as tar:
             for info in tar:
                 split = split_name(info.name)
-                if info.offset_data + info.size > file_size:
+                if file_size is not None and info.offset_data + info.size > file_size:
                     broken_at = split[0] if split else info.name
                     break
                 if not info.isfile() or split is None:
@@ -170,8 +172,17 @@ def walk_samples(fileobj: BinaryIO, read: Callable[[str], bool] = lambda ext: Tr
                 data = tar.extractfile(info).read() if read(ext) else None
                 members.append(Member(ext, info.offset_data, info.size, data))
             else:
-                if _has_trailing_data(fileobj, tar.offset):
-                    broken_at = f"(after {key})"
+                if file_size is not None:
+                    if _has_trailing_data(fileobj, tar.offset):
+                        broken_at = f"(after {key})"
+                else:
+                    try:
+                        if _has_trailing_data(fileobj, tar.offset):
+                            broken_at = f"(after {key})"
+                        while fileobj.read(1 << 20):
+                            pass
+                    except OSError:  # every sample came through; the source still failed
+                        broken_at = f"(after {key})"
     except (tarfile.TarError, OSError, EOFError):
         broken_at = key or "(start)"
     if broken_at is not None:

@@ -111,7 +111,7 @@ def provenance(image: PlannedImage, boxes: Sequence[tuple[int, int, int, int]], 
                 "box": list(box),
                 "rank": rank,
                 "score": p.score,
-                "source": {"key": p.key, "shard": shards[p.shard].name, "crop_index": p.crop_index,
+                "source": {"key": p.key, "shard": shards[p.shard].output_name, "crop_index": p.crop_index,
                            "window": list(p.window), "image_size": list(p.image_size)},
             }
             for k, ((rank, p), box) in enumerate(zip(image.patches, boxes))
@@ -120,14 +120,15 @@ def provenance(image: PlannedImage, boxes: Sequence[tuple[int, int, int, int]], 
 
 
 def cut_canvases(chunk: Sequence[PlannedImage], shards: Sequence[Shard], resolution: int, factor: int,
-                 cutter: Cutter) -> list[np.ndarray]:
+                 cutter: Cutter, read: Callable[[ScoredPatch], bytes] | None = None) -> list[np.ndarray]:
     """The stitched images (uint8 S x S x 3) of `chunk`: each cell re-cut from its source image at the cell's
-    own size."""
+    own size. `read` gives a patch's source image bytes (default: from its local shard file)."""
+    read = read or (lambda p: read_member(shards[p.shard].path, p.offset, p.size))
     boxes = cell_boxes(resolution, factor)
     requests = []
     for image in chunk:
         for (rank, p), (x0, y0, x1, y1) in zip(image.patches, boxes):
-            encoded = read_member(shards[p.shard].path, p.offset, p.size)
+            encoded = read(p)
             requests.append(CutRequest(encoded, [p.window], [(x1 - x0, y1 - y0)], p.image_size[0] * p.image_size[1]))
     cut = cutter.cut(requests)
     canvases = []
@@ -148,13 +149,14 @@ RefinedSource = Callable[[PlannedImage], "tuple[np.ndarray, dict[str, Any]]"]
 
 def stitch(chunk: list[PlannedImage], shards: Sequence[Shard], class_names: dict[int, str],
            settings: WriteSettings, cutter: Cutter, result: WriteResult,
-           on_image: Callable[[int], None] = lambda n: None, refined: RefinedSource | None = None) -> list[Sample]:
+           on_image: Callable[[int], None] = lambda n: None, refined: RefinedSource | None = None,
+           read: Callable[[ScoredPatch], bytes] | None = None) -> list[Sample]:
     """The distilled images of one output shard (stitched, or their refined form from `refined`), encoded,
     with class and provenance. Counts and contact-sheet thumbnails go to `result`."""
     boxes = cell_boxes(settings.resolution, settings.factor)
     if refined is None:
         made = [(canvas, None) for canvas in cut_canvases(chunk, shards, settings.resolution, settings.factor,
-                                                            cutter)]
+                                                            cutter, read)]
     else:
         made = [refined(image) for image in chunk]
     samples = []
