@@ -1,9 +1,18 @@
 """The soft-label codec: compact, pickle-free records readable with numpy and zstandard alone.
 
 Each record is a numpy structured array saved as .npy and compressed with zstandard. A label is the
-observer's log-probabilities over the data set's classes, shifted so the largest is 0, in float16:
-all classes when there are at most `topk`, else the top `topk` (with their class indices) plus one
-`rest` value, the log-probability every other class gets when the remaining mass is spread evenly.
+observer's log-probabilities over the data set's classes, shifted so the largest is 0, in float16.
+
+With C <= `topk` classes every label is exact (`logit` f2[C]), in both versions. Otherwise:
+
+- `rded-soft-labels/1`: per label the top `topk` classes (`index`, `logit`) and one `rest` value, the
+  log-probability every other class gets when the remaining mass is spread evenly.
+- `rded-soft-labels/2`: per image one `tail` f2[C], the mean over the image's views and regions of their
+  shifted log-probabilities, shifted again so its largest is 0. Per label the top `topk` classes, `rest`
+  (the log of the remaining mass, relative to the top class) and `beta`: every other class j gets
+  `rest + beta * tail[j] - log(sum over the other classes i of exp(beta * tail[i]))`, i.e. the image's
+  tail shape, sharpened or flattened by `beta`, carrying exactly the remaining mass. The encoder fits
+  `beta` by least squares of the view's own tail log-probabilities on `tail`.
 """
 
 from __future__ import annotations
@@ -13,53 +22,101 @@ import io
 import numpy as np
 import zstandard
 
-LABELS_FORMAT = "rded-soft-labels/1"
+LABELS_FORMAT = "rded-soft-labels/2"
+LABELS_FORMAT_V1 = "rded-soft-labels/1"
 ZSTD_LEVEL = 19
 
 
-def label_fields(num_classes: int, topk: int) -> list[tuple]:
+def label_fields(num_classes: int, topk: int, version: int = 2) -> list[tuple]:
     k = min(topk, num_classes)
     if k == num_classes:
         return [("logit", "<f2", (num_classes,))]
-    return [("index", "<u2", (k,)), ("logit", "<f2", (k,)), ("rest", "<f2")]
+    if version == 1:
+        return [("index", "<u2", (k,)), ("logit", "<f2", (k,)), ("rest", "<f2")]
+    return [("index", "<u2", (k,)), ("logit", "<f2", (k,)), ("rest", "<f2"), ("beta", "<f2")]
 
 
-def view_dtype(factor: int, num_classes: int, topk: int) -> np.dtype:
+def view_dtype(factor: int, num_classes: int, topk: int, version: int = 2) -> np.dtype:
     return np.dtype([("view", "<u2"), ("col_perm", "u1", (factor,)), ("row_perm", "u1", (factor,)),
-                     ("crop", "<u2", (4,)), ("flip", "u1")] + label_fields(num_classes, topk))
+                     ("crop", "<u2", (4,)), ("flip", "u1")] + label_fields(num_classes, topk, version))
 
 
-def region_dtype(num_classes: int, topk: int) -> np.dtype:
-    return np.dtype([("cell", "u1")] + label_fields(num_classes, topk))
+def region_dtype(num_classes: int, topk: int, version: int = 2) -> np.dtype:
+    return np.dtype([("cell", "u1")] + label_fields(num_classes, topk, version))
 
 
-def pack_labels(records: np.ndarray, log_probs: np.ndarray) -> None:
-    """Fill the label fields of `records` from exact log-probabilities [n, C] (float32)."""
+def needs_tail(records: np.ndarray) -> bool:
+    """Whether records carry v2 partial labels, which decode against their image's tail."""
+    return "beta" in records.dtype.names
+
+
+def image_tail(*log_probs: np.ndarray) -> np.ndarray:
+    """The v2 per-image tail shape, f2[C]: the mean of the shifted log-probabilities of all the image's
+    labels (views, then regions), shifted so its largest is 0."""
+    rows = np.concatenate([lp for lp in log_probs if len(lp)]).astype(np.float64)
+    mean = (rows - rows.max(axis=1, keepdims=True)).mean(axis=0)
+    return (mean - mean.max()).astype(np.float16)
+
+
+def _top(shifted: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    # stable sort, so equal values keep class order and the record is deterministic
+    order = np.argsort(-shifted, axis=1, kind="stable")[:, :k]
+    rest = np.ones(shifted.shape, bool)
+    np.put_along_axis(rest, order, False, axis=1)
+    return order, np.take_along_axis(shifted, order, axis=1), rest
+
+
+def pack_labels(records: np.ndarray, log_probs: np.ndarray, tail: np.ndarray | None = None) -> None:
+    """Fill the label fields of `records` from exact log-probabilities [n, C] (float32); v2 records (those
+    with `beta`) need the image's `tail` (image_tail)."""
     num_classes = log_probs.shape[1]
-    shifted = log_probs - log_probs.max(axis=1, keepdims=True)
+    shifted = log_probs.astype(np.float64) - log_probs.max(axis=1, keepdims=True)
     if "index" not in records.dtype.names:
         records["logit"] = shifted.astype(np.float16)
         return
     k = records.dtype["index"].shape[0]
-    # stable sort, so equal values keep class order and the record is deterministic
-    order = np.argsort(-shifted, axis=1, kind="stable")[:, :k]
-    top = np.take_along_axis(shifted, order, axis=1)
+    order, top, rest = _top(shifted, k)
     records["index"] = order
     records["logit"] = top.astype(np.float16)
-    # probabilities relative to the top class: sum of all = exp(logsumexp(shifted))
-    total = np.exp(shifted.astype(np.float64)).sum(axis=1)
-    rest_mass = total - np.exp(top.astype(np.float64)).sum(axis=1)
+    # probabilities relative to the top class: the rest's mass is the sum over the other classes
+    rest_mass = np.where(rest, np.exp(shifted), 0.0).sum(axis=1)
     with np.errstate(divide="ignore"):
-        records["rest"] = np.log(np.maximum(rest_mass, 0.0) / (num_classes - k)).astype(np.float16)
+        if not needs_tail(records):  # v1: the rest spread evenly
+            records["rest"] = np.log(rest_mass / (num_classes - k)).astype(np.float16)
+            return
+        records["rest"] = np.log(rest_mass).astype(np.float16)
+    # v2: beta by least squares of the view's tail log-probabilities on the image's tail, over the rest
+    m = tail.astype(np.float64)[None, :]
+    n = num_classes - k
+    m_mean = np.where(rest, m, 0.0).sum(axis=1, keepdims=True) / n
+    s_mean = np.where(rest, shifted, 0.0).sum(axis=1, keepdims=True) / n
+    cov = np.where(rest, (m - m_mean) * (shifted - s_mean), 0.0).sum(axis=1)
+    var = np.where(rest, (m - m_mean) ** 2, 0.0).sum(axis=1)
+    beta = np.where(var > 0, cov / np.where(var > 0, var, 1.0), 1.0)
+    records["beta"] = np.clip(beta, -60000, 60000).astype(np.float16)
 
 
-def unpack_logits(records: np.ndarray, num_classes: int) -> np.ndarray:
-    """Reconstructed logits [n, C] float32 (any shift of the log-probabilities)."""
+def unpack_logits(records: np.ndarray, num_classes: int, tail: np.ndarray | None = None) -> np.ndarray:
+    """Reconstructed logits [n, C] float32 (any shift of the log-probabilities). v1 and v2 records alike;
+    v2 partial labels need their image's `tail` f2[C]."""
     if "index" not in records.dtype.names:
         return records["logit"].astype(np.float32)
-    out = np.repeat(records["rest"].astype(np.float32)[:, None], num_classes, axis=1)
-    np.put_along_axis(out, records["index"].astype(np.int64), records["logit"].astype(np.float32), axis=1)
-    return out
+    index = records["index"].astype(np.int64)
+    top = records["logit"].astype(np.float64)
+    rest = records["rest"].astype(np.float64)[:, None]
+    if not needs_tail(records):
+        out = np.repeat(rest, num_classes, axis=1)
+    else:
+        if tail is None:
+            raise ValueError("rded-soft-labels/2 records with topk < classes decode against their image's tail")
+        shaped = records["beta"].astype(np.float64)[:, None] * tail.astype(np.float64)[None, :]
+        others = shaped.copy()
+        np.put_along_axis(others, index, -np.inf, axis=1)
+        peak = others.max(axis=1, keepdims=True)
+        norm = peak + np.log(np.exp(others - peak).sum(axis=1, keepdims=True))
+        out = rest + shaped - norm
+    np.put_along_axis(out, index, top, axis=1)
+    return out.astype(np.float32)
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:

@@ -6,25 +6,43 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import NUM_CLASSES
 from rded.cli import main
 from rded.config import load_job
-from rded.labels import kl_divergence, pack_labels, region_dtype, softmax, unpack_logits
+from rded.labels import (LABELS_FORMAT, LABELS_FORMAT_V1, decode_records, encode_records, image_tail, kl_divergence,
+                         pack_labels, region_dtype, softmax, unpack_logits, view_dtype)
 from rded.geometry import apply_view, decode_distilled, draw_view, shuffle_grid
 from rded.loader import DistilledDataset, stored_view
 
 
-def test_codec_all_classes_and_topk_round_trip():
-    rng = np.random.default_rng(0)
-    lp = torch.log_softmax(torch.tensor(rng.normal(0, 3, (50, 40)), dtype=torch.float32), 1).numpy()
-    full = np.zeros(50, region_dtype(40, 40))
-    pack_labels(full, lp)
-    assert kl_divergence(unpack_logits(full, 40), lp, 1.0).max() < 1e-4
-    top = np.zeros(50, region_dtype(40, 8))
+def random_log_probs(n: int, c: int, seed: int = 0) -> np.ndarray:
+    """Views of one "image": a shared class profile plus per-view noise and sharpness."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(0, 3, c)
+    logits = base[None] * rng.uniform(0.5, 2, (n, 1)) + rng.normal(0, 1, (n, c))
+    return torch.log_softmax(torch.tensor(logits, dtype=torch.float32), 1).numpy()
+
+
+def test_codec_all_classes_is_exact_in_both_versions():
+    lp = random_log_probs(50, 40)
+    for version in (1, 2):
+        full = np.zeros(50, region_dtype(40, 40, version))
+        assert full.dtype.names == ("cell", "logit")
+        pack_labels(full, lp)
+        assert np.array_equal(full["logit"], (lp - lp.max(1, keepdims=True)).astype(np.float16))
+        assert kl_divergence(unpack_logits(full, 40), lp, 1.0).max() < 1e-4
+
+
+def test_codec_v1_records_still_decode():
+    lp = random_log_probs(50, 40)
+    top = np.zeros(50, region_dtype(40, 8, version=1))
+    assert top.dtype.names == ("cell", "index", "logit", "rest")
     pack_labels(top, lp)
     rec = softmax(unpack_logits(top, 40))
     exact = softmax(lp)
@@ -33,6 +51,49 @@ def test_codec_all_classes_and_topk_round_trip():
     assert np.allclose(np.take_along_axis(rec, idx, 1), np.take_along_axis(exact, idx, 1), atol=2e-3)
     assert np.allclose(rec.sum(1), 1.0, atol=1e-5)
     assert (np.argsort(-exact, 1)[:, :8] == idx).all()
+    for row, i in zip(unpack_logits(top, 40), range(50)):  # every other class gets `rest`
+        others = np.setdiff1d(np.arange(40), idx[i])
+        assert np.all(row[others] == np.float32(top["rest"][i]))
+
+
+def test_codec_v2_round_trip_is_the_documented_reconstruction():
+    c, k = 40, 6
+    lp = random_log_probs(60, c)
+    views, regions = lp[:56], lp[56:]
+    tail = image_tail(views, regions)
+    # the tail: the mean of every label's shifted log-probabilities, shifted to a largest of 0, in f2
+    shifted = lp.astype(np.float64) - lp.max(1, keepdims=True)
+    mean = shifted.mean(0)
+    assert np.array_equal(tail, (mean - mean.max()).astype(np.float16))
+    rec = np.zeros(56, view_dtype(2, c, k))
+    pack_labels(rec, views, tail)
+    stored = unpack_logits(rec, c, tail)
+    for i in range(56):  # brute force, class by class, from the record's fields alone
+        index = [int(j) for j in rec["index"][i]]
+        s = shifted[i]
+        assert index == sorted(range(c), key=lambda j: (-s[j], j))[:k]
+        others = [j for j in range(c) if j not in index]
+        assert np.isclose(float(rec["rest"][i]), np.log(sum(np.exp(s[j]) for j in others)), atol=2e-3)
+        beta, m = float(rec["beta"][i]), tail.astype(np.float64)
+        norm = np.log(sum(np.exp(beta * m[j]) for j in others))
+        want = np.empty(c)
+        for pos, j in enumerate(index):
+            want[j] = float(rec["logit"][i][pos])
+        for j in others:
+            want[j] = float(rec["rest"][i]) + beta * m[j] - norm
+        assert np.allclose(stored[i], want, atol=1e-4, rtol=1e-5)
+        # beta: least squares of the view's own tail on the image's tail
+        fit = np.polyfit(m[others], s[others], 1)[0]
+        assert abs(beta - fit) <= 1e-3 * max(1.0, abs(fit))
+    # the stored labels carry the remaining mass exactly (up to f2) and beat v1 on structured tails
+    assert np.allclose(softmax(stored).sum(1), 1.0, atol=1e-5)
+    v1 = np.zeros(56, view_dtype(2, c, k, version=1))
+    pack_labels(v1, views)
+    for t in (1.0, 20.0):
+        assert kl_divergence(stored, views, t).mean() < 0.5 * kl_divergence(unpack_logits(v1, c), views, t).mean()
+    with pytest.raises(ValueError):
+        unpack_logits(rec, c)
+    assert np.array_equal(decode_records(encode_records(rec)), rec)
 
 
 def test_views_are_pure_and_shuffle_is_a_permutation():
