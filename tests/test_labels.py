@@ -222,3 +222,103 @@ def read_member_json(run, manifest, key):
         if key in samples:
             return samples[key]["json"]
     raise KeyError(key)
+
+
+@pytest.fixture(scope="module")
+def topk_run(tmp_path_factory, data_dir) -> Path:
+    """A run whose labels are partial (topk 2 < 3 classes): v2 records with a per-image tail."""
+    from conftest import job_text
+    from rded.distill import run_distill
+
+    tmp = tmp_path_factory.mktemp("topk")
+    (tmp / "job.toml").write_text(job_text(data_dir, relabel={"views": 3, "topk": 2}))
+    run_distill(load_job(tmp / "job.toml"), tmp / "out")
+    return tmp / "out"
+
+
+def exact_labels(run: Path):
+    """Per key: the observer's exact log-probabilities of the stored views and regions, recomputed."""
+    from rded.observer import build_observer
+    from rded.relabel import Relabeler
+    from rded.runtime import resolve_devices
+    from rded.score import Scorer
+    from rded.source import load_classes
+
+    job = load_job(run.parent / "job.toml")
+    obs = build_observer(job, load_classes(job), resolve_devices(job.runtime.device, job.runtime.decoder)[0])
+    scorer = Scorer(obs, mode=job.distill.score_mode, resolution=32, score_batch=job.runtime.score_batch, decimals=4)
+    relabeler = Relabeler(scorer, seed=0, views=3, resolution=32, factor=2, topk=job.relabel.topk)
+    ds = DistilledDataset(run, normalize=False)
+    return ds, {key: relabeler.exact(key, ds.images[i])[1:] for i, key in enumerate(ds.keys)}
+
+
+def test_v2_run_fidelity_in_manifest_matches_a_recomputation(topk_run):
+    from conftest import tar_members
+
+    manifest = json.loads((topk_run / "manifest.json").read_text())
+    labels = manifest["labels"]
+    assert labels["format"] == LABELS_FORMAT and labels["topk"] == 2 and labels["classes"] == NUM_CLASSES
+    ds, exact = exact_labels(topk_run)
+    members = {}
+    for shard in manifest["shards"]:
+        members.update(tar_members(topk_run / shard["labels"]["name"]))
+    kl = {1.0: 0.0, 20.0: 0.0}
+    count = 0
+    for i, key in enumerate(ds.keys):
+        view_lp, region_lp = exact[key]
+        views = decode_records(members[f"{key}.views.npy.zst"])
+        regions = decode_records(members[f"{key}.regions.npy.zst"])
+        tail = decode_records(members[f"{key}.tail.npy.zst"])
+        assert set(views.dtype.names) >= {"index", "logit", "rest", "beta"} and tail.dtype == np.float16
+        assert np.array_equal(tail, image_tail(view_lp, region_lp))
+        stored = np.concatenate([unpack_logits(views, NUM_CLASSES, tail), unpack_logits(regions, NUM_CLASSES, tail)])
+        both = np.concatenate([view_lp, region_lp])
+        for t in kl:
+            kl[t] += kl_divergence(stored, both, t).sum()
+        count += len(both)
+        for epoch in range(3):  # the loader's label is the decoded v2 record
+            ds.set_epoch(epoch)
+            assert np.allclose(ds[i][1].numpy(), softmax(stored[epoch:epoch + 1], 1.0)[0], atol=1e-6)
+    assert labels["mean_kl_t1"] == float(f"{kl[1.0] / count:.3e}")
+    assert labels["mean_kl_t20"] == float(f"{kl[20.0] / count:.3e}")
+    assert labels["mean_kl_t1"] > 0  # partial labels: not exact
+
+
+def test_loader_reads_a_v1_run(topk_run, tmp_path):
+    """A run written by the previous version (rded-soft-labels/1: no tail member, `rest` spread evenly)."""
+    from conftest import copy_tree
+    from rded.tario import read_samples, write_tar
+
+    run = copy_tree(topk_run, tmp_path / "v1")
+    manifest = json.loads((run / "manifest.json").read_text())
+    expected = {}
+    for shard in manifest["shards"]:
+        path = run / shard["labels"]["name"]
+        samples = read_samples(path.read_bytes(), path.name)
+        out = []
+        for key, members in samples.items():
+            v2 = decode_records(members["views.npy.zst"])
+            v1 = np.zeros(len(v2), view_dtype(2, NUM_CLASSES, 2, version=1))
+            for f in ("view", "col_perm", "row_perm", "crop", "flip"):
+                v1[f] = v2[f]
+            pack_labels(v1, unpack_logits(v2, NUM_CLASSES, decode_records(members["tail.npy.zst"])))
+            expected[key] = unpack_logits(v1, NUM_CLASSES)
+            out.append((key, {"views.npy.zst": encode_records(v1), "regions.npy.zst": members["regions.npy.zst"]}))
+        shard["labels"]["sha256"] = write_tar(path, out)
+        shard["labels"]["bytes"] = path.stat().st_size
+    manifest["labels"]["format"] = LABELS_FORMAT_V1
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    ds = DistilledDataset(run, temperature=4.0, normalize=False)
+    new = DistilledDataset(topk_run, temperature=4.0, normalize=False)
+    assert ds.keys == new.keys
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        new.set_epoch(epoch)
+        for i, key in enumerate(ds.keys):
+            image, target = ds[i]
+            assert torch.equal(image, new[i][0])
+            assert np.allclose(target.numpy(), softmax(expected[key][epoch:epoch + 1], 4.0)[0], atol=1e-6)
+    manifest["labels"]["format"] = "rded-soft-labels/9"
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(Exception, match="soft-labels/9"):
+        DistilledDataset(run)
