@@ -107,3 +107,103 @@ def exact_log_probs(n: int, views: int, cache: Path) -> tuple[list[bytes], list[
         vlps.append(vlp)
         rlps.append(rlp)
     return images, recs, vlps, rlps
+
+
+# -- codecs
+
+
+def tar_bytes(*members: bytes) -> int:
+    """What the members take in a label shard: a 512-byte header each, data padded to 512."""
+    return sum(512 + -(-len(m) // 512) * 512 for m in members)
+
+
+def shifted(lp: np.ndarray) -> np.ndarray:
+    return lp.astype(np.float64) - lp.max(axis=1, keepdims=True)
+
+
+def codec_v1(k: int):
+    from rded.labels import encode_records, pack_labels, region_dtype, unpack_logits
+
+    def run(views: np.ndarray, view_lp: np.ndarray, region_lp: np.ndarray):
+        c = view_lp.shape[1]
+        v1 = np.zeros(len(views), np.dtype([(n, views.dtype.fields[n][0]) for n in GEOMETRY] +
+                                           [("index", "<u2", (k,)), ("logit", "<f2", (k,)), ("rest", "<f2")]))
+        for n in GEOMETRY:
+            v1[n] = views[n]
+        pack_labels(v1, view_lp)
+        regions = np.zeros(len(region_lp), region_dtype(c, k, version=1))
+        regions["cell"] = np.arange(len(region_lp))
+        pack_labels(regions, region_lp)
+        stored = np.concatenate([unpack_logits(v1, c), unpack_logits(regions, c)])
+        return stored, tar_bytes(encode_records(v1), encode_records(regions))
+    return run
+
+
+GEOMETRY = ("view", "col_perm", "row_perm", "crop", "flip")
+
+
+def codec_v2(k: int, *, beta: bool = True, tail_from: str = "all"):
+    """The product's v2 (defaults), or a variant: beta fixed at 1, or the tail from the views alone."""
+    from rded.labels import encode_records, image_tail, pack_labels, region_dtype, unpack_logits, view_dtype
+
+    def run(views: np.ndarray, view_lp: np.ndarray, region_lp: np.ndarray):
+        c = view_lp.shape[1]
+        tail = image_tail(view_lp, region_lp) if tail_from == "all" else image_tail(view_lp)
+        vrec = np.zeros(len(views), view_dtype(views.dtype["col_perm"].shape[0], c, k))
+        for n in GEOMETRY:
+            vrec[n] = views[n]
+        regions = np.zeros(len(region_lp), region_dtype(c, k))
+        regions["cell"] = np.arange(len(region_lp))
+        for rec, lp in ((vrec, view_lp), (regions, region_lp)):
+            pack_labels(rec, lp, tail)
+            if not beta:
+                rec["beta"] = 1.0
+        stored = np.concatenate([unpack_logits(vrec, c, tail), unpack_logits(regions, c, tail)])
+        return stored, tar_bytes(encode_records(vrec), encode_records(regions, tail))
+    return run
+
+
+def evaluate(codec, data) -> dict[str, float]:
+    from rded.labels import kl_divergence
+
+    kl1 = kl20 = count = label_bytes = 0.0
+    for views, view_lp, region_lp in data:
+        stored, nbytes = codec(views.copy(), view_lp, region_lp)
+        exact = np.concatenate([view_lp, region_lp])
+        kl1 += kl_divergence(stored, exact, 1.0).sum()
+        kl20 += kl_divergence(stored, exact, 20.0).sum()
+        count += len(exact)
+        label_bytes += nbytes
+    return {"bytes": label_bytes / len(data), "kl1": kl1 / count, "kl20": kl20 / count}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=20)
+    ap.add_argument("--views", type=int, default=300)
+    ap.add_argument("--cache", type=Path, default=Path("/tmp/rded_label_probe"))
+    ap.add_argument("--variants", action="store_true", help="also the variants tried (slower)")
+    args = ap.parse_args()
+    images, recs, vlps, rlps = exact_log_probs(args.images, args.views, args.cache)
+    data = list(zip(recs, vlps, rlps))
+    image_bytes = sum(tar_bytes(im) for im in images) / len(images)
+    jpeg = sum(len(im) for im in images) / len(images)
+    codecs = [("v1 (before), topk 16", codec_v1(16)), ("v1, topk 8", codec_v1(8))]
+    for k in (6, 8, 12, 16):
+        codecs.append((f"v2, topk {k}" + (" (default)" if k == 8 else ""), codec_v2(k)))
+    if args.variants:
+        codecs += [("v2 topk 8, beta = 1 (no fit)", codec_v2(8, beta=False)),
+                   ("v2 topk 8, tail from views only", codec_v2(8, tail_from="views")),
+                   ("v2 topk 32", codec_v2(32))]
+    print(f"{len(images)} images, V = {args.views} views + 4 regions, S = 224, 1000 classes; JPEG q90 "
+          f"{jpeg:.0f} B/image ({image_bytes:.0f} B as a tar member)\n")
+    print("| codec | label bytes/image | ratio to image | mean KL T=1 | mean KL T=20 |")
+    print("|---|---:|---:|---:|---:|")
+    for name, codec in codecs:
+        r = evaluate(codec, data)
+        print(f"| {name} | {r['bytes']:.0f} | {r['bytes'] / image_bytes:.3f} | {r['kl1']:.2e} | {r['kl20']:.2e} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

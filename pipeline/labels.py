@@ -8,11 +8,12 @@ With C <= `topk` classes every label is exact (`logit` f2[C]), in both versions.
 - `rded-soft-labels/1`: per label the top `topk` classes (`index`, `logit`) and one `rest` value, the
   log-probability every other class gets when the remaining mass is spread evenly.
 - `rded-soft-labels/2`: per image one `tail` f2[C], the mean over the image's views and regions of their
-  shifted log-probabilities, shifted again so its largest is 0. Per label the top `topk` classes, `rest`
-  (the log of the remaining mass, relative to the top class) and `beta`: every other class j gets
-  `rest + beta * tail[j] - log(sum over the other classes i of exp(beta * tail[i]))`, i.e. the image's
-  tail shape, sharpened or flattened by `beta`, carrying exactly the remaining mass. The encoder fits
-  `beta` by least squares of the view's own tail log-probabilities on `tail`.
+  shifted log-probabilities, shifted again so its largest is 0. Per label the top `topk` classes
+  (`index`, best first, and `gap` u1: class i's log-probability is -(gap[0] + ... + gap[i]) / 16, so
+  gap[0] = 0), `rest` (the log of the remaining mass, relative to the top class) and `beta`: every other
+  class j gets `rest + beta * tail[j] - log(sum over the other classes i of exp(beta * tail[i]))`, i.e.
+  the image's tail shape, sharpened or flattened by `beta`, carrying exactly the remaining mass. The
+  encoder fits `beta` by least squares of the view's own tail log-probabilities on `tail`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ import zstandard
 LABELS_FORMAT = "rded-soft-labels/2"
 LABELS_FORMAT_V1 = "rded-soft-labels/1"
 ZSTD_LEVEL = 19
+GAP_STEP = 1 / 16  # nats per unit of a v2 `gap`
+# v2 values are rounded to these steps before float16 (fewer distinct values compress better)
+TAIL_STEP, REST_STEP, BETA_STEP = 1 / 8, 1 / 32, 1 / 128
 
 
 def label_fields(num_classes: int, topk: int, version: int = 2) -> list[tuple]:
@@ -33,7 +37,7 @@ def label_fields(num_classes: int, topk: int, version: int = 2) -> list[tuple]:
         return [("logit", "<f2", (num_classes,))]
     if version == 1:
         return [("index", "<u2", (k,)), ("logit", "<f2", (k,)), ("rest", "<f2")]
-    return [("index", "<u2", (k,)), ("logit", "<f2", (k,)), ("rest", "<f2"), ("beta", "<f2")]
+    return [("index", "<u2", (k,)), ("gap", "u1", (k,)), ("rest", "<f2"), ("beta", "<f2")]
 
 
 def view_dtype(factor: int, num_classes: int, topk: int, version: int = 2) -> np.dtype:
@@ -55,7 +59,7 @@ def image_tail(*log_probs: np.ndarray) -> np.ndarray:
     labels (views, then regions), shifted so its largest is 0."""
     rows = np.concatenate([lp for lp in log_probs if len(lp)]).astype(np.float64)
     mean = (rows - rows.max(axis=1, keepdims=True)).mean(axis=0)
-    return (mean - mean.max()).astype(np.float16)
+    return (np.round((mean - mean.max()) / TAIL_STEP) * TAIL_STEP).astype(np.float16)
 
 
 def _top(shifted: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -77,14 +81,18 @@ def pack_labels(records: np.ndarray, log_probs: np.ndarray, tail: np.ndarray | N
     k = records.dtype["index"].shape[0]
     order, top, rest = _top(shifted, k)
     records["index"] = order
-    records["logit"] = top.astype(np.float16)
+    if not needs_tail(records):
+        records["logit"] = top.astype(np.float16)
+    else:  # quantised to GAP_STEP below the top, stored as steps between consecutive classes
+        steps = np.round(-top / GAP_STEP)
+        records["gap"] = np.minimum(np.diff(steps, axis=1, prepend=0.0), 255)
     # probabilities relative to the top class: the rest's mass is the sum over the other classes
     rest_mass = np.where(rest, np.exp(shifted), 0.0).sum(axis=1)
     with np.errstate(divide="ignore"):
         if not needs_tail(records):  # v1: the rest spread evenly
             records["rest"] = np.log(rest_mass / (num_classes - k)).astype(np.float16)
             return
-        records["rest"] = np.log(rest_mass).astype(np.float16)
+        records["rest"] = (np.round(np.log(rest_mass) / REST_STEP) * REST_STEP).astype(np.float16)
     # v2: beta by least squares of the view's tail log-probabilities on the image's tail, over the rest
     m = tail.astype(np.float64)[None, :]
     n = num_classes - k
@@ -93,7 +101,7 @@ def pack_labels(records: np.ndarray, log_probs: np.ndarray, tail: np.ndarray | N
     cov = np.where(rest, (m - m_mean) * (shifted - s_mean), 0.0).sum(axis=1)
     var = np.where(rest, (m - m_mean) ** 2, 0.0).sum(axis=1)
     beta = np.where(var > 0, cov / np.where(var > 0, var, 1.0), 1.0)
-    records["beta"] = np.clip(beta, -60000, 60000).astype(np.float16)
+    records["beta"] = (np.round(np.clip(beta, -1000, 1000) / BETA_STEP) * BETA_STEP).astype(np.float16)
 
 
 def unpack_logits(records: np.ndarray, num_classes: int, tail: np.ndarray | None = None) -> np.ndarray:
@@ -102,7 +110,10 @@ def unpack_logits(records: np.ndarray, num_classes: int, tail: np.ndarray | None
     if "index" not in records.dtype.names:
         return records["logit"].astype(np.float32)
     index = records["index"].astype(np.int64)
-    top = records["logit"].astype(np.float64)
+    if needs_tail(records):
+        top = -np.cumsum(records["gap"].astype(np.float64), axis=1) * GAP_STEP
+    else:
+        top = records["logit"].astype(np.float64)
     rest = records["rest"].astype(np.float64)[:, None]
     if not needs_tail(records):
         out = np.repeat(rest, num_classes, axis=1)
@@ -135,12 +146,24 @@ def kl_divergence(p_logits: np.ndarray, q_logits: np.ndarray, temperature: float
     return np.where(p > 0, p * (log_p - log_q), 0.0).sum(axis=-1)
 
 
-def encode_records(records: np.ndarray) -> bytes:
+def encode_records(*arrays: np.ndarray) -> bytes:
+    """One or more arrays as consecutive .npy files in one zstandard frame."""
     buf = io.BytesIO()
-    np.save(buf, records, allow_pickle=False)
+    for a in arrays:
+        np.save(buf, a, allow_pickle=False)
     return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(buf.getvalue())
 
 
+def decode_arrays(data: bytes) -> list[np.ndarray]:
+    """Every .npy in a member, in order."""
+    raw = zstandard.ZstdDecompressor().decompress(data)
+    f, out = io.BytesIO(raw), []
+    while f.tell() < len(raw):
+        out.append(np.load(f, allow_pickle=False))
+    return out
+
+
 def decode_records(data: bytes) -> np.ndarray:
+    """A member's first (in views members, only) array."""
     raw = zstandard.ZstdDecompressor().decompress(data)
     return np.load(io.BytesIO(raw), allow_pickle=False)

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from .errors import RunError
 from .geometry import View, apply_view, decode_distilled
-from .labels import LABELS_FORMAT, LABELS_FORMAT_V1, decode_records, needs_tail, softmax, unpack_logits
+from .labels import LABELS_FORMAT, LABELS_FORMAT_V1, decode_arrays, decode_records, needs_tail, softmax, unpack_logits
 from .normalization import IMAGENET
 from .rundir import read_manifest, read_verified
 
@@ -74,10 +74,15 @@ class DistilledDataset(Dataset):
                 self.images.append(members[manifest.image_format])
                 self.targets.append(int(members["cls"]))
                 views = decode_records(labels[key]["views.npy.zst"])
-                if needs_tail(views) and "tail.npy.zst" not in labels[key]:
-                    raise RunError(f"{run_dir}: {shard.labels['name']}: {key} has no tail.npy.zst")
+                tail = None
+                if needs_tail(views):  # v2 partial labels: the tail follows the region records
+                    regions = decode_arrays(labels[key]["regions.npy.zst"])
+                    if len(regions) != 2 or regions[1].shape != (self.num_classes,):
+                        raise RunError(f"{run_dir}: {shard.labels['name']}: {key}.regions.npy.zst holds no tail "
+                                       f"of {self.num_classes} classes")
+                    tail = regions[1]
                 self.views.append(views)
-                self.tails.append(decode_records(labels[key]["tail.npy.zst"]) if needs_tail(views) else None)
+                self.tails.append(tail)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -35,12 +35,14 @@ class ImageLabels:
 
 class Relabeler:
     def __init__(self, scorer: Scorer, *, seed: int, views: int, resolution: int, factor: int, topk: int,
-                 temperatures: tuple[float, ...] = (1.0, 20.0)):
+                 exact_classes: int = 0, temperatures: tuple[float, ...] = (1.0, 20.0)):
         self.scorer = scorer
-        self.seed, self.views, self.resolution, self.factor, self.topk = seed, views, resolution, factor, topk
+        self.seed, self.views, self.resolution, self.factor = seed, views, resolution, factor
         self.num_classes = len(scorer.observer.output_index)
-        self.view_dtype = view_dtype(factor, self.num_classes, topk)
-        self.region_dtype = region_dtype(self.num_classes, topk)
+        # classes stored per label: all of them (exact labels) up to max(topk, exact_classes) classes
+        self.topk = self.num_classes if self.num_classes <= max(topk, exact_classes) else topk
+        self.view_dtype = view_dtype(factor, self.num_classes, self.topk)
+        self.region_dtype = region_dtype(self.num_classes, self.topk)
         self.temperatures = temperatures
 
     def view_records(self, key: str) -> np.ndarray:
@@ -76,8 +78,7 @@ class Relabeler:
 
     def pack(self, views: np.ndarray, view_lp: np.ndarray, region_lp: np.ndarray) -> ImageLabels:
         """Labels of one image from all its exact log-probabilities (the v2 tail needs every view first)."""
-        exact_only = self.topk >= self.num_classes
-        tail = None if exact_only else image_tail(view_lp, region_lp)
+        tail = None if self.topk >= self.num_classes else image_tail(view_lp, region_lp)
         pack_labels(views, view_lp, tail)
         regions = np.zeros(len(region_lp), self.region_dtype)
         regions["cell"] = np.arange(len(region_lp))
@@ -124,10 +125,10 @@ def write_label_shard(out_dir: Path, shard_no: int, samples: Sequence[tuple[str,
     for key, members in samples:
         labels = relabeler.label(key, members[image_format])
         stats.add(labels)
-        members = {"views.npy.zst": encode_records(labels.views), "regions.npy.zst": encode_records(labels.regions)}
-        if labels.tail is not None:
-            members["tail.npy.zst"] = encode_records(labels.tail)
-        records.append((key, members))
+        # v2 partial labels: the image's tail rides in the regions member, after the region records
+        regions = (labels.regions,) if labels.tail is None else (labels.regions, labels.tail)
+        records.append((key, {"views.npy.zst": encode_records(labels.views),
+                              "regions.npy.zst": encode_records(*regions)}))
         on_image(1)
     path = out_dir / label_shard_name(shard_no)
     sha = write_tar(path, records)

@@ -15,8 +15,8 @@ import torch
 from conftest import NUM_CLASSES
 from rded.cli import main
 from rded.config import load_job
-from rded.labels import (LABELS_FORMAT, LABELS_FORMAT_V1, decode_records, encode_records, image_tail, kl_divergence,
-                         pack_labels, region_dtype, softmax, unpack_logits, view_dtype)
+from rded.labels import (LABELS_FORMAT, LABELS_FORMAT_V1, decode_arrays, decode_records, encode_records, image_tail,
+                         kl_divergence, pack_labels, region_dtype, softmax, unpack_logits, view_dtype)
 from rded.geometry import apply_view, decode_distilled, draw_view, shuffle_grid
 from rded.loader import DistilledDataset, stored_view
 
@@ -61,10 +61,11 @@ def test_codec_v2_round_trip_is_the_documented_reconstruction():
     lp = random_log_probs(60, c)
     views, regions = lp[:56], lp[56:]
     tail = image_tail(views, regions)
-    # the tail: the mean of every label's shifted log-probabilities, shifted to a largest of 0, in f2
+    # the tail: the mean of every label's shifted log-probabilities, shifted to a largest of 0, rounded to
+    # 1/8 nat, in f2
     shifted = lp.astype(np.float64) - lp.max(1, keepdims=True)
     mean = shifted.mean(0)
-    assert np.array_equal(tail, (mean - mean.max()).astype(np.float16))
+    assert np.array_equal(tail, (np.round((mean - mean.max()) * 8) / 8).astype(np.float16))
     rec = np.zeros(56, view_dtype(2, c, k))
     pack_labels(rec, views, tail)
     stored = unpack_logits(rec, c, tail)
@@ -73,18 +74,21 @@ def test_codec_v2_round_trip_is_the_documented_reconstruction():
         s = shifted[i]
         assert index == sorted(range(c), key=lambda j: (-s[j], j))[:k]
         others = [j for j in range(c) if j not in index]
-        assert np.isclose(float(rec["rest"][i]), np.log(sum(np.exp(s[j]) for j in others)), atol=2e-3)
+        assert np.isclose(float(rec["rest"][i]), np.log(sum(np.exp(s[j]) for j in others)), atol=1 / 64 + 2e-3)
         beta, m = float(rec["beta"][i]), tail.astype(np.float64)
         norm = np.log(sum(np.exp(beta * m[j]) for j in others))
         want = np.empty(c)
+        level = 0
         for pos, j in enumerate(index):
-            want[j] = float(rec["logit"][i][pos])
+            level += int(rec["gap"][i][pos])
+            want[j] = -level / 16
+            assert abs(want[j] - s[j]) <= 1 / 32 + 1e-9
         for j in others:
             want[j] = float(rec["rest"][i]) + beta * m[j] - norm
         assert np.allclose(stored[i], want, atol=1e-4, rtol=1e-5)
         # beta: least squares of the view's own tail on the image's tail
         fit = np.polyfit(m[others], s[others], 1)[0]
-        assert abs(beta - fit) <= 1e-3 * max(1.0, abs(fit))
+        assert abs(beta - fit) <= 1 / 256 + 1e-3 * max(1.0, abs(fit))
     # the stored labels carry the remaining mass exactly (up to f2) and beat v1 on structured tails
     assert np.allclose(softmax(stored).sum(1), 1.0, atol=1e-5)
     v1 = np.zeros(56, view_dtype(2, c, k, version=1))
@@ -94,6 +98,8 @@ def test_codec_v2_round_trip_is_the_documented_reconstruction():
     with pytest.raises(ValueError):
         unpack_logits(rec, c)
     assert np.array_equal(decode_records(encode_records(rec)), rec)
+    back = decode_arrays(encode_records(rec, tail))
+    assert len(back) == 2 and np.array_equal(back[0], rec) and np.array_equal(back[1], tail)
 
 
 def test_views_are_pure_and_shuffle_is_a_permutation():
@@ -231,7 +237,7 @@ def topk_run(tmp_path_factory, data_dir) -> Path:
     from rded.distill import run_distill
 
     tmp = tmp_path_factory.mktemp("topk")
-    (tmp / "job.toml").write_text(job_text(data_dir, relabel={"views": 3, "topk": 2}))
+    (tmp / "job.toml").write_text(job_text(data_dir, relabel={"views": 3, "topk": 2, "exact_classes": 0}))
     run_distill(load_job(tmp / "job.toml"), tmp / "out")
     return tmp / "out"
 
@@ -267,9 +273,8 @@ def test_v2_run_fidelity_in_manifest_matches_a_recomputation(topk_run):
     for i, key in enumerate(ds.keys):
         view_lp, region_lp = exact[key]
         views = decode_records(members[f"{key}.views.npy.zst"])
-        regions = decode_records(members[f"{key}.regions.npy.zst"])
-        tail = decode_records(members[f"{key}.tail.npy.zst"])
-        assert set(views.dtype.names) >= {"index", "logit", "rest", "beta"} and tail.dtype == np.float16
+        regions, tail = decode_arrays(members[f"{key}.regions.npy.zst"])  # v2: the tail follows the regions
+        assert set(views.dtype.names) >= {"index", "gap", "rest", "beta"} and tail.dtype == np.float16
         assert np.array_equal(tail, image_tail(view_lp, region_lp))
         stored = np.concatenate([unpack_logits(views, NUM_CLASSES, tail), unpack_logits(regions, NUM_CLASSES, tail)])
         both = np.concatenate([view_lp, region_lp])
@@ -285,7 +290,7 @@ def test_v2_run_fidelity_in_manifest_matches_a_recomputation(topk_run):
 
 
 def test_loader_reads_a_v1_run(topk_run, tmp_path):
-    """A run written by the previous version (rded-soft-labels/1: no tail member, `rest` spread evenly)."""
+    """A run written by the previous version (rded-soft-labels/1: no tail, `rest` spread evenly)."""
     from conftest import copy_tree
     from rded.tario import read_samples, write_tar
 
@@ -301,9 +306,13 @@ def test_loader_reads_a_v1_run(topk_run, tmp_path):
             v1 = np.zeros(len(v2), view_dtype(2, NUM_CLASSES, 2, version=1))
             for f in ("view", "col_perm", "row_perm", "crop", "flip"):
                 v1[f] = v2[f]
-            pack_labels(v1, unpack_logits(v2, NUM_CLASSES, decode_records(members["tail.npy.zst"])))
+            regions, tail = decode_arrays(members["regions.npy.zst"])
+            pack_labels(v1, unpack_logits(v2, NUM_CLASSES, tail))
             expected[key] = unpack_logits(v1, NUM_CLASSES)
-            out.append((key, {"views.npy.zst": encode_records(v1), "regions.npy.zst": members["regions.npy.zst"]}))
+            r1 = np.zeros(len(regions), region_dtype(NUM_CLASSES, 2, version=1))
+            r1["cell"] = regions["cell"]
+            pack_labels(r1, unpack_logits(regions, NUM_CLASSES, tail))
+            out.append((key, {"views.npy.zst": encode_records(v1), "regions.npy.zst": encode_records(r1)}))
         shard["labels"]["sha256"] = write_tar(path, out)
         shard["labels"]["bytes"] = path.stat().st_size
     manifest["labels"]["format"] = LABELS_FORMAT_V1
