@@ -331,3 +331,23 @@ def test_loader_reads_a_v1_run(topk_run, tmp_path):
     (run / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(Exception, match="soft-labels/9"):
         DistilledDataset(run)
+
+
+def test_shards_readme_decoder_reads_v2_labels_with_numpy_and_zstandard_alone(topk_run, tmp_path):
+    """The reading snippet in shards/README.md, run as written (numpy and zstandard only), decodes v2 labels
+    exactly as the loader does."""
+    readme = (Path(__file__).resolve().parents[1] / "shards" / "README.md").read_text()
+    snippet = readme.split("Reading needs only numpy and zstandard:\n\n```python\n", 1)[1].split("```", 1)[0]
+    ds = DistilledDataset(topk_run, normalize=False)
+    key = ds.keys[0]
+    assert 'key, C = "00003_0000", 1000' in snippet
+    code = ("import sys\n" + snippet.replace('key, C = "00003_0000", 1000', f'key, C = "{key}", {NUM_CLASSES}')
+            + "\nassert 'rded' not in sys.modules and tail is not None\nnp.save(sys.argv[1], view_logits)\n")
+    out = tmp_path / "logits.npy"
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=120,
+                          cwd=topk_run)
+    assert proc.returncode == 0, proc.stderr
+    got = np.load(out)
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        assert np.allclose(got[epoch], ds.view_logits(0)[0], atol=1e-5)
