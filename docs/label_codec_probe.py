@@ -1,14 +1,22 @@
 """Soft-label codecs at 1,000 classes: label bytes and fidelity of v1 and v2 (and variants) on real images.
 
-    PYTHONPATH=. python docs/label_codec_probe.py --images 24 --views 300
+    PYTHONPATH=<dir whose rded/ is pipeline/> OMP_NUM_THREADS=1 python docs/label_codec_probe.py --images 20 --variants
+
+(In this repository's checkouts: a directory holding a symlink `rded` -> `pipeline`; an installed package
+works too.) About 40 s per image on one CPU core the first time (V = 300 views + 4 regions through the
+observer), seconds afterwards.
 
 Each probe image is what the product stitches at factor 2: four real ImageWoof train images of one class
 (read from the shard with tarfile, nothing copied), each cut to the best of 5 of the product's candidate
 crops (square, 8-100 % of the area, scored by the observer on the true class) resized to 112, stitched
-2x2 into 224x224 and JPEG-encoded at q90. The
-product's relabeller (`Relabeler.exact`: V views + 4 regions, `pad` scoring at S = 224) labels it with
-EfficientNet-Lite0 and all 1,000 ImageNet outputs (identity class map). The exact log-probabilities are
+2x2 into 224x224 and JPEG-encoded at q90. The product's relabeller (`Relabeler.exact`: V views + 4
+regions, `pad` scoring at S = 224) labels it with EfficientNet-Lite0 and all 1,000 ImageNet outputs
+(identity class map). The exact log-probabilities are
 cached in /tmp, so codec variants compare in seconds on a rerun.
+
+Label bytes are what an image's label members take in a label shard (tar header and padding included);
+the ratio is against the JPEG as a tar member (the manifest's `bytes_ratio` divides by whole distilled
+shards, whose samples also hold `.cls` and `.json`, so it comes out lower).
 """
 
 from __future__ import annotations
@@ -16,7 +24,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import random
 import tarfile
 import time
 from pathlib import Path
