@@ -149,22 +149,23 @@ def codec_v1(k: int):
 GEOMETRY = ("view", "col_perm", "row_perm", "crop", "flip")
 
 
-def codec_v2(k: int, *, beta: bool = True, tail_from: str = "all"):
-    """The product's v2 (defaults), or a variant: beta fixed at 1, or the tail from the views alone."""
+def codec_v2(k: int, rank: int = 1, *, fit: bool = True, tail_from: str = "all"):
+    """The product's v2 (defaults), or a variant: coefficients not fitted (the mean shape as it is), or
+    the tail from the views alone."""
     from rded.labels import encode_records, image_tail, pack_labels, region_dtype, unpack_logits, view_dtype
 
     def run(views: np.ndarray, view_lp: np.ndarray, region_lp: np.ndarray):
         c = view_lp.shape[1]
-        tail = image_tail(view_lp, region_lp) if tail_from == "all" else image_tail(view_lp)
-        vrec = np.zeros(len(views), view_dtype(views.dtype["col_perm"].shape[0], c, k))
+        tail = image_tail(view_lp, region_lp, rank=rank) if tail_from == "all" else image_tail(view_lp, rank=rank)
+        vrec = np.zeros(len(views), view_dtype(views.dtype["col_perm"].shape[0], c, k, tail_rank=rank))
         for n in GEOMETRY:
             vrec[n] = views[n]
-        regions = np.zeros(len(region_lp), region_dtype(c, k))
+        regions = np.zeros(len(region_lp), region_dtype(c, k, tail_rank=rank))
         regions["cell"] = np.arange(len(region_lp))
         for rec, lp in ((vrec, view_lp), (regions, region_lp)):
             pack_labels(rec, lp, tail)
-            if not beta:
-                rec["beta"] = 1.0
+            if not fit:
+                rec["coef"] = np.eye(1, rank + 1)
         stored = np.concatenate([unpack_logits(vrec, c, tail), unpack_logits(regions, c, tail)])
         return stored, tar_bytes(encode_records(vrec), encode_records(regions, tail))
     return run

@@ -7,13 +7,15 @@ With C <= `topk` classes every label is exact (`logit` f2[C]), in both versions.
 
 - `rded-soft-labels/1`: per label the top `topk` classes (`index`, `logit`) and one `rest` value, the
   log-probability every other class gets when the remaining mass is spread evenly.
-- `rded-soft-labels/2`: per image one `tail` f2[C], the mean over the image's views and regions of their
-  shifted log-probabilities, shifted again so its largest is 0. Per label the top `topk` classes
-  (`index`, best first, and `gap` u1: class i's log-probability is -(gap[0] + ... + gap[i]) / 16, so
-  gap[0] = 0), `rest` (the log of the remaining mass, relative to the top class) and `beta`: every other
-  class j gets `rest + beta * tail[j] - log(sum over the other classes i of exp(beta * tail[i]))`, i.e.
-  the image's tail shape, sharpened or flattened by `beta`, carrying exactly the remaining mass. The
-  encoder fits `beta` by least squares of the view's own tail log-probabilities on `tail`.
+- `rded-soft-labels/2`: per image a `tail` basis f2[R, C]: row 0 the mean over the image's views and
+  regions of their shifted log-probabilities (shifted again so its largest is 0), rows 1.. the leading
+  principal directions of those log-probabilities (R = 1 + `relabel.tail_rank`). Per label the top
+  `topk` classes (`index`, best first, and `gap` u1: class i's log-probability is
+  -(gap[0] + ... + gap[i]) / 16, so gap[0] = 0), `rest` (the log of the remaining mass, relative to the
+  top class) and `coef` f2[R]: with shape = coef @ tail, every other class j gets
+  `rest + shape[j] - log(sum over the other classes i of exp(shape[i]))`, i.e. the image's tail shapes
+  combined per label, carrying exactly the remaining mass. The encoder fits `coef` by least squares
+  (with an intercept) of the label's own log-probabilities over the other classes on the basis.
 """
 
 from __future__ import annotations
@@ -27,39 +29,51 @@ LABELS_FORMAT = "rded-soft-labels/2"
 LABELS_FORMAT_V1 = "rded-soft-labels/1"
 ZSTD_LEVEL = 19
 GAP_STEP = 1 / 16  # nats per unit of a v2 `gap`
-# v2 values are rounded to these steps before float16 (fewer distinct values compress better)
-TAIL_STEP, REST_STEP, BETA_STEP = 1 / 8, 1 / 32, 1 / 128
+# v2 values are rounded to these steps before float16 (fewer distinct values compress better): the mean
+# tail row, the principal rows, `rest`, `coef`
+TAIL_STEP, BASIS_STEP, REST_STEP, COEF_STEP = 1 / 8, 1 / 16, 1 / 32, 1 / 128
 
 
-def label_fields(num_classes: int, topk: int, version: int = 2) -> list[tuple]:
+def label_fields(num_classes: int, topk: int, version: int = 2, tail_rank: int = 0) -> list[tuple]:
     k = min(topk, num_classes)
     if k == num_classes:
         return [("logit", "<f2", (num_classes,))]
     if version == 1:
         return [("index", "<u2", (k,)), ("logit", "<f2", (k,)), ("rest", "<f2")]
-    return [("index", "<u2", (k,)), ("gap", "u1", (k,)), ("rest", "<f2"), ("beta", "<f2")]
+    return [("index", "<u2", (k,)), ("gap", "u1", (k,)), ("rest", "<f2"), ("coef", "<f2", (1 + tail_rank,))]
 
 
-def view_dtype(factor: int, num_classes: int, topk: int, version: int = 2) -> np.dtype:
+def view_dtype(factor: int, num_classes: int, topk: int, version: int = 2, tail_rank: int = 0) -> np.dtype:
     return np.dtype([("view", "<u2"), ("col_perm", "u1", (factor,)), ("row_perm", "u1", (factor,)),
-                     ("crop", "<u2", (4,)), ("flip", "u1")] + label_fields(num_classes, topk, version))
+                     ("crop", "<u2", (4,)), ("flip", "u1")] + label_fields(num_classes, topk, version, tail_rank))
 
 
-def region_dtype(num_classes: int, topk: int, version: int = 2) -> np.dtype:
-    return np.dtype([("cell", "u1")] + label_fields(num_classes, topk, version))
+def region_dtype(num_classes: int, topk: int, version: int = 2, tail_rank: int = 0) -> np.dtype:
+    return np.dtype([("cell", "u1")] + label_fields(num_classes, topk, version, tail_rank))
 
 
 def needs_tail(records: np.ndarray) -> bool:
     """Whether records carry v2 partial labels, which decode against their image's tail."""
-    return "beta" in records.dtype.names
+    return "coef" in records.dtype.names
 
 
-def image_tail(*log_probs: np.ndarray) -> np.ndarray:
-    """The v2 per-image tail shape, f2[C]: the mean of the shifted log-probabilities of all the image's
-    labels (views, then regions), shifted so its largest is 0."""
+def image_tail(*log_probs: np.ndarray, rank: int = 0) -> np.ndarray:
+    """The v2 per-image tail basis, f2[1 + rank, C], from all the image's labels' log-probabilities
+    (views, then regions): row 0 the mean of their shifted log-probabilities, shifted so its largest is
+    0; row r the r-th principal direction of the shifted log-probabilities (right singular vector of
+    their deviations from the mean, scaled by singular value / sqrt(labels), sign: its largest-magnitude
+    entry positive)."""
     rows = np.concatenate([lp for lp in log_probs if len(lp)]).astype(np.float64)
-    mean = (rows - rows.max(axis=1, keepdims=True)).mean(axis=0)
-    return (np.round((mean - mean.max()) / TAIL_STEP) * TAIL_STEP).astype(np.float16)
+    rows = rows - rows.max(axis=1, keepdims=True)
+    mean = rows.mean(axis=0)
+    basis = [np.round((mean - mean.max()) / TAIL_STEP) * TAIL_STEP]
+    if rank:
+        _, sv, vt = np.linalg.svd(rows - mean, full_matrices=False)
+        for r in range(rank):
+            d = vt[r] * (sv[r] / np.sqrt(len(rows))) if r < len(sv) else np.zeros_like(mean)
+            d = d if d[np.argmax(np.abs(d))] >= 0 else -d
+            basis.append(np.round(d / BASIS_STEP) * BASIS_STEP)
+    return np.stack(basis).astype(np.float16)
 
 
 def _top(shifted: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -71,8 +85,8 @@ def _top(shifted: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 
 def pack_labels(records: np.ndarray, log_probs: np.ndarray, tail: np.ndarray | None = None) -> None:
-    """Fill the label fields of `records` from exact log-probabilities [n, C] (float32); v2 records (those
-    with `beta`) need the image's `tail` (image_tail)."""
+    """Fill the label fields of `records` from exact log-probabilities [n, C] (float32); v2 partial records
+    (those with `coef`) need the image's `tail` basis (image_tail)."""
     num_classes = log_probs.shape[1]
     shifted = log_probs.astype(np.float64) - log_probs.max(axis=1, keepdims=True)
     if "index" not in records.dtype.names:
@@ -93,20 +107,19 @@ def pack_labels(records: np.ndarray, log_probs: np.ndarray, tail: np.ndarray | N
             records["rest"] = np.log(rest_mass / (num_classes - k)).astype(np.float16)
             return
         records["rest"] = (np.round(np.log(rest_mass) / REST_STEP) * REST_STEP).astype(np.float16)
-    # v2: beta by least squares of the view's tail log-probabilities on the image's tail, over the rest
-    m = tail.astype(np.float64)[None, :]
-    n = num_classes - k
-    m_mean = np.where(rest, m, 0.0).sum(axis=1, keepdims=True) / n
-    s_mean = np.where(rest, shifted, 0.0).sum(axis=1, keepdims=True) / n
-    cov = np.where(rest, (m - m_mean) * (shifted - s_mean), 0.0).sum(axis=1)
-    var = np.where(rest, (m - m_mean) ** 2, 0.0).sum(axis=1)
-    beta = np.where(var > 0, cov / np.where(var > 0, var, 1.0), 1.0)
-    records["beta"] = (np.round(np.clip(beta, -1000, 1000) / BETA_STEP) * BETA_STEP).astype(np.float16)
+    # v2: coef by least squares (with an intercept) of the label's log-probabilities over the rest on the basis
+    basis = tail.astype(np.float64).reshape(-1, num_classes)
+    design = np.concatenate([np.ones((num_classes, 1)), basis.T], axis=1)
+    coef = np.zeros((len(shifted), len(basis)))
+    for i in range(len(shifted)):
+        fit, *_ = np.linalg.lstsq(design[rest[i]], shifted[i, rest[i]], rcond=None)
+        coef[i] = fit[1:]
+    records["coef"] = (np.round(np.clip(coef, -1000, 1000) / COEF_STEP) * COEF_STEP).astype(np.float16)
 
 
 def unpack_logits(records: np.ndarray, num_classes: int, tail: np.ndarray | None = None) -> np.ndarray:
     """Reconstructed logits [n, C] float32 (any shift of the log-probabilities). v1 and v2 records alike;
-    v2 partial labels need their image's `tail` f2[C]."""
+    v2 partial labels need their image's `tail` basis f2[R, C]."""
     if "index" not in records.dtype.names:
         return records["logit"].astype(np.float32)
     index = records["index"].astype(np.int64)
@@ -120,7 +133,7 @@ def unpack_logits(records: np.ndarray, num_classes: int, tail: np.ndarray | None
     else:
         if tail is None:
             raise ValueError("rded-soft-labels/2 records with topk < classes decode against their image's tail")
-        shaped = records["beta"].astype(np.float64)[:, None] * tail.astype(np.float64)[None, :]
+        shaped = records["coef"].astype(np.float64) @ tail.astype(np.float64).reshape(-1, num_classes)
         others = shaped.copy()
         np.put_along_axis(others, index, -np.inf, axis=1)
         peak = others.max(axis=1, keepdims=True)

@@ -77,9 +77,10 @@ class DistilledDataset(Dataset):
                 tail = None
                 if needs_tail(views):  # v2 partial labels: the tail follows the region records
                     regions = decode_arrays(labels[key]["regions.npy.zst"])
-                    if len(regions) != 2 or regions[1].shape != (self.num_classes,):
+                    rank = views.dtype["coef"].shape[0] if views.dtype["coef"].shape else 1
+                    if len(regions) != 2 or regions[1].shape != (rank, self.num_classes):
                         raise RunError(f"{run_dir}: {shard.labels['name']}: {key}.regions.npy.zst holds no tail "
-                                       f"of {self.num_classes} classes")
+                                       f"basis of {rank} x {self.num_classes}")
                     tail = regions[1]
                 self.views.append(views)
                 self.tails.append(tail)

@@ -28,21 +28,22 @@ from .tario import write_tar
 class ImageLabels:
     views: np.ndarray  # structured, view_dtype
     regions: np.ndarray  # structured, region_dtype
-    tail: np.ndarray | None  # f2[C], the image's tail shape; None when the labels are exact (C <= topk)
+    tail: np.ndarray | None  # f2[1 + tail_rank, C], the image's tail basis; None when the labels are exact
     kl: dict[float, float]  # temperature -> summed KL(stored || exact) over views and regions
     count: int  # labels (views + regions) in the sums
 
 
 class Relabeler:
     def __init__(self, scorer: Scorer, *, seed: int, views: int, resolution: int, factor: int, topk: int,
-                 exact_classes: int = 0, temperatures: tuple[float, ...] = (1.0, 20.0)):
+                 exact_classes: int = 0, tail_rank: int = 0, temperatures: tuple[float, ...] = (1.0, 20.0)):
         self.scorer = scorer
         self.seed, self.views, self.resolution, self.factor = seed, views, resolution, factor
         self.num_classes = len(scorer.observer.output_index)
         # classes stored per label: all of them (exact labels) up to max(topk, exact_classes) classes
         self.topk = self.num_classes if self.num_classes <= max(topk, exact_classes) else topk
-        self.view_dtype = view_dtype(factor, self.num_classes, self.topk)
-        self.region_dtype = region_dtype(self.num_classes, self.topk)
+        self.tail_rank = tail_rank
+        self.view_dtype = view_dtype(factor, self.num_classes, self.topk, tail_rank=tail_rank)
+        self.region_dtype = region_dtype(self.num_classes, self.topk, tail_rank=tail_rank)
         self.temperatures = temperatures
 
     def view_records(self, key: str) -> np.ndarray:
@@ -78,7 +79,7 @@ class Relabeler:
 
     def pack(self, views: np.ndarray, view_lp: np.ndarray, region_lp: np.ndarray) -> ImageLabels:
         """Labels of one image from all its exact log-probabilities (the v2 tail needs every view first)."""
-        tail = None if self.topk >= self.num_classes else image_tail(view_lp, region_lp)
+        tail = None if self.topk >= self.num_classes else image_tail(view_lp, region_lp, rank=self.tail_rank)
         pack_labels(views, view_lp, tail)
         regions = np.zeros(len(region_lp), self.region_dtype)
         regions["cell"] = np.arange(len(region_lp))
@@ -143,6 +144,7 @@ def labels_summary(relabeler: Relabeler, stats: LabelStats, image_bytes: int, la
         "regions": relabeler.factor * relabeler.factor,
         "classes": relabeler.num_classes,
         "topk": min(relabeler.topk, relabeler.num_classes),
+        "tail_rank": relabeler.tail_rank if relabeler.topk < relabeler.num_classes else 0,
         "bytes": label_bytes,
         "image_bytes": image_bytes,
         "bytes_ratio": round(label_bytes / image_bytes, 4) if image_bytes else None,

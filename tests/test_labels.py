@@ -56,27 +56,35 @@ def test_codec_v1_records_still_decode():
         assert np.all(row[others] == np.float32(top["rest"][i]))
 
 
-def test_codec_v2_round_trip_is_the_documented_reconstruction():
+@pytest.mark.parametrize("rank", [0, 1])
+def test_codec_v2_round_trip_is_the_documented_reconstruction(rank):
     c, k = 40, 6
     lp = random_log_probs(60, c)
     views, regions = lp[:56], lp[56:]
-    tail = image_tail(views, regions)
-    # the tail: the mean of every label's shifted log-probabilities, shifted to a largest of 0, rounded to
-    # 1/8 nat, in f2
+    tail = image_tail(views, regions, rank=rank)
+    assert tail.shape == (1 + rank, c) and tail.dtype == np.float16
+    # row 0: the mean of every label's shifted log-probabilities, shifted to a largest of 0, rounded to 1/8
     shifted = lp.astype(np.float64) - lp.max(1, keepdims=True)
     mean = shifted.mean(0)
-    assert np.array_equal(tail, (np.round((mean - mean.max()) * 8) / 8).astype(np.float16))
-    rec = np.zeros(56, view_dtype(2, c, k))
+    assert np.array_equal(tail[0], (np.round((mean - mean.max()) * 8) / 8).astype(np.float16))
+    if rank:  # row 1: the leading principal direction, scaled to its standard deviation, rounded to 1/16
+        eigval, eigvec = np.linalg.eigh((shifted - mean).T @ (shifted - mean) / len(shifted))
+        d = eigvec[:, -1] * np.sqrt(eigval[-1])
+        d = d if d[np.argmax(np.abs(d))] > 0 else -d
+        assert np.abs(tail[1].astype(np.float64) - d).max() <= 1 / 32 + 1e-3
+    rec = np.zeros(56, view_dtype(2, c, k, tail_rank=rank))
     pack_labels(rec, views, tail)
     stored = unpack_logits(rec, c, tail)
+    basis = tail.astype(np.float64)
     for i in range(56):  # brute force, class by class, from the record's fields alone
         index = [int(j) for j in rec["index"][i]]
         s = shifted[i]
         assert index == sorted(range(c), key=lambda j: (-s[j], j))[:k]
         others = [j for j in range(c) if j not in index]
         assert np.isclose(float(rec["rest"][i]), np.log(sum(np.exp(s[j]) for j in others)), atol=1 / 64 + 2e-3)
-        beta, m = float(rec["beta"][i]), tail.astype(np.float64)
-        norm = np.log(sum(np.exp(beta * m[j]) for j in others))
+        coef = rec["coef"][i].astype(np.float64)
+        shape = [sum(coef[r] * basis[r, j] for r in range(1 + rank)) for j in range(c)]
+        norm = np.log(sum(np.exp(shape[j]) for j in others))
         want = np.empty(c)
         level = 0
         for pos, j in enumerate(index):
@@ -84,11 +92,12 @@ def test_codec_v2_round_trip_is_the_documented_reconstruction():
             want[j] = -level / 16
             assert abs(want[j] - s[j]) <= 1 / 32 + 1e-9
         for j in others:
-            want[j] = float(rec["rest"][i]) + beta * m[j] - norm
+            want[j] = float(rec["rest"][i]) + shape[j] - norm
         assert np.allclose(stored[i], want, atol=1e-4, rtol=1e-5)
-        # beta: least squares of the view's own tail on the image's tail
-        fit = np.polyfit(m[others], s[others], 1)[0]
-        assert abs(beta - fit) <= 1 / 256 + 1e-3 * max(1.0, abs(fit))
+        # coef: least squares (with an intercept) of the label's tail on the basis, by the normal equations
+        a = np.array([[1.0, *basis[:, j]] for j in others])
+        fit = np.linalg.solve(a.T @ a, a.T @ s[others])[1:]
+        assert np.all(np.abs(coef - fit) <= 1 / 256 + 1e-3 * np.maximum(1.0, np.abs(fit)))
     # the stored labels carry the remaining mass exactly (up to f2) and beat v1 on structured tails
     assert np.allclose(softmax(stored).sum(1), 1.0, atol=1e-5)
     v1 = np.zeros(56, view_dtype(2, c, k, version=1))
@@ -237,7 +246,8 @@ def topk_run(tmp_path_factory, data_dir) -> Path:
     from rded.distill import run_distill
 
     tmp = tmp_path_factory.mktemp("topk")
-    (tmp / "job.toml").write_text(job_text(data_dir, relabel={"views": 3, "topk": 2, "exact_classes": 0}))
+    (tmp / "job.toml").write_text(job_text(data_dir, relabel={"views": 3, "topk": 2, "exact_classes": 0,
+                                                                   "tail_rank": 1}))
     run_distill(load_job(tmp / "job.toml"), tmp / "out")
     return tmp / "out"
 
@@ -253,7 +263,8 @@ def exact_labels(run: Path):
     job = load_job(run.parent / "job.toml")
     obs = build_observer(job, load_classes(job), resolve_devices(job.runtime.device, job.runtime.decoder)[0])
     scorer = Scorer(obs, mode=job.distill.score_mode, resolution=32, score_batch=job.runtime.score_batch, decimals=4)
-    relabeler = Relabeler(scorer, seed=0, views=3, resolution=32, factor=2, topk=job.relabel.topk)
+    relabeler = Relabeler(scorer, seed=0, views=3, resolution=32, factor=2, topk=job.relabel.topk,
+                          tail_rank=job.relabel.tail_rank)
     ds = DistilledDataset(run, normalize=False)
     return ds, {key: relabeler.exact(key, ds.images[i])[1:] for i, key in enumerate(ds.keys)}
 
@@ -274,8 +285,8 @@ def test_v2_run_fidelity_in_manifest_matches_a_recomputation(topk_run):
         view_lp, region_lp = exact[key]
         views = decode_records(members[f"{key}.views.npy.zst"])
         regions, tail = decode_arrays(members[f"{key}.regions.npy.zst"])  # v2: the tail follows the regions
-        assert set(views.dtype.names) >= {"index", "gap", "rest", "beta"} and tail.dtype == np.float16
-        assert np.array_equal(tail, image_tail(view_lp, region_lp))
+        assert set(views.dtype.names) >= {"index", "gap", "rest", "coef"} and tail.dtype == np.float16
+        assert np.array_equal(tail, image_tail(view_lp, region_lp, rank=1))
         stored = np.concatenate([unpack_logits(views, NUM_CLASSES, tail), unpack_logits(regions, NUM_CLASSES, tail)])
         both = np.concatenate([view_lp, region_lp])
         for t in kl:
