@@ -32,6 +32,7 @@ GAP_STEP = 1 / 16  # nats per unit of a v2 `gap`
 # v2 values are rounded to these steps before float16 (fewer distinct values compress better): the mean
 # tail row, the principal rows, `rest`, `coef`
 TAIL_STEP, BASIS_STEP, REST_STEP, COEF_STEP = 1 / 8, 1 / 16, 1 / 32, 1 / 128
+FLOOR = 1000.0  # log-probabilities below -FLOOR (relative to the top) count as -FLOOR in tail fits
 
 
 def label_fields(num_classes: int, topk: int, version: int = 2, tail_rank: int = 0) -> list[tuple]:
@@ -64,7 +65,7 @@ def image_tail(*log_probs: np.ndarray, rank: int = 0) -> np.ndarray:
     their deviations from the mean, scaled by singular value / sqrt(labels), sign: its largest-magnitude
     entry positive)."""
     rows = np.concatenate([lp for lp in log_probs if len(lp)]).astype(np.float64)
-    rows = rows - rows.max(axis=1, keepdims=True)
+    rows = np.maximum(rows - rows.max(axis=1, keepdims=True), -FLOOR)  # a class of probability 0 stays finite
     mean = rows.mean(axis=0)
     basis = [np.round((mean - mean.max()) / TAIL_STEP) * TAIL_STEP]
     if rank:
@@ -112,7 +113,7 @@ def pack_labels(records: np.ndarray, log_probs: np.ndarray, tail: np.ndarray | N
     design = np.concatenate([np.ones((num_classes, 1)), basis.T], axis=1)
     coef = np.zeros((len(shifted), len(basis)))
     for i in range(len(shifted)):
-        fit, *_ = np.linalg.lstsq(design[rest[i]], shifted[i, rest[i]], rcond=None)
+        fit, *_ = np.linalg.lstsq(design[rest[i]], np.maximum(shifted[i, rest[i]], -FLOOR), rcond=None)
         coef[i] = fit[1:]
     records["coef"] = (np.round(np.clip(coef, -1000, 1000) / COEF_STEP) * COEF_STEP).astype(np.float16)
 
