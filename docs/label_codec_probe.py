@@ -1,6 +1,6 @@
 """Soft-label codecs at 1,000 classes: label bytes and fidelity of v1 and v2 (and variants) on real images.
 
-    PYTHONPATH=<dir whose rded/ is pipeline/> OMP_NUM_THREADS=1 python docs/label_codec_probe.py --images 20 --variants
+    PYTHONPATH=<dir whose rded/ is pipeline/> OMP_NUM_THREADS=1 python docs/label_codec_probe.py --images 30 --variants
 
 (In this repository's checkouts: a directory holding a symlink `rded` -> `pipeline`; an installed package
 works too.) About 40 s per image on one CPU core the first time (V = 300 views + 4 regions through the
@@ -187,7 +187,7 @@ def evaluate(codec, data) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=20)
+    ap.add_argument("--images", type=int, default=30)
     ap.add_argument("--views", type=int, default=300)
     ap.add_argument("--cache", type=Path, default=Path("/tmp/rded_label_probe"))
     ap.add_argument("--variants", action="store_true", help="also the variants tried (slower)")
@@ -196,13 +196,17 @@ def main() -> None:
     data = list(zip(recs, vlps, rlps))
     image_bytes = sum(tar_bytes(im) for im in images) / len(images)
     jpeg = sum(len(im) for im in images) / len(images)
-    codecs = [("v1 (before), topk 16", codec_v1(16)), ("v1, topk 8", codec_v1(8))]
-    for k in (6, 8, 12, 16):
-        codecs.append((f"v2, topk {k}" + (" (default)" if k == 8 else ""), codec_v2(k)))
+    codecs = [("v1 (before), topk 16", codec_v1(16)), ("v1, topk 8", codec_v1(8)),
+              ("v2, topk 6, tail_rank 1 (default)", codec_v2(6, 1))]
     if args.variants:
-        codecs += [("v2 topk 8, beta = 1 (no fit)", codec_v2(8, beta=False)),
-                   ("v2 topk 8, tail from views only", codec_v2(8, tail_from="views")),
-                   ("v2 topk 32", codec_v2(32))]
+        codecs += [("v2, topk 8, tail_rank 0", codec_v2(8, 0)),
+                   ("v2, topk 8, tail_rank 0, coef not fitted (mean shape as is)", codec_v2(8, 0, fit=False)),
+                   ("v2, topk 8, tail_rank 0, tail from views only", codec_v2(8, 0, tail_from="views")),
+                   ("v2, topk 6, tail_rank 0", codec_v2(6, 0)),
+                   ("v2, topk 8, tail_rank 1", codec_v2(8, 1)),
+                   ("v2, topk 4, tail_rank 2", codec_v2(4, 2)),
+                   ("v2, topk 6, tail_rank 2", codec_v2(6, 2)),
+                   ("v2, topk 16, tail_rank 1", codec_v2(16, 1))]
     print(f"{len(images)} images, V = {args.views} views + 4 regions, S = 224, 1000 classes; JPEG q90 "
           f"{jpeg:.0f} B/image ({image_bytes:.0f} B as a tar member)\n")
     print("| codec | label bytes/image | ratio to image | mean KL T=1 | mean KL T=20 |")
