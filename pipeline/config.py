@@ -124,7 +124,13 @@ class RefineConfig(_Section):
 class RelabelConfig(_Section):
     enabled: bool = Field(True, description="write soft-label shards beside the distilled shards")
     views: int = Field(300, ge=0, le=65535, description="training views labelled per image (one per epoch)")
-    topk: int = Field(16, ge=1, le=65535, description="classes stored per label; all when there are at most topk")
+    topk: int = Field(6, ge=1, le=65535, description="classes stored per label with their own log-probability "
+                                                     "(the rest follow the image's tail shape); all when there "
+                                                     "are at most topk or exact_classes")
+    exact_classes: int = Field(16, ge=0, le=65535, description="labels store every class exactly when the data "
+                                                               "set has at most this many classes")
+    tail_rank: int = Field(1, ge=0, le=16, description="principal tail shapes per image beyond the mean one "
+                                                       "(partial labels; each about 1.5 KB per image)")
 
 
 class RuntimeConfig(_Section):

@@ -178,7 +178,9 @@ def _distill(run: Run) -> Summary:
         relabeler = None
         if run.job.relabel.enabled:
             relabeler = Relabeler(scorer, seed=cfg.seed, views=run.job.relabel.views, resolution=cfg.resolution,
-                                  factor=cfg.factor, topk=run.job.relabel.topk)
+                                  factor=cfg.factor, topk=run.job.relabel.topk,
+                                  exact_classes=run.job.relabel.exact_classes,
+                                  tail_rank=run.job.relabel.tail_rank)
         written, label_stats = write_and_relabel(run, plan, relabeler, spool)
     finally:
         run.ledger.close()

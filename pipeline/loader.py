@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from .errors import RunError
 from .geometry import View, apply_view, decode_distilled
-from .labels import decode_records, softmax, unpack_logits
+from .labels import LABELS_FORMAT, LABELS_FORMAT_V1, decode_arrays, decode_records, needs_tail, softmax, unpack_logits
 from .normalization import IMAGENET
 from .rundir import read_manifest, read_verified
 
@@ -50,6 +50,9 @@ class DistilledDataset(Dataset):
             raise RunError(f"{run_dir}: this run has no soft labels (relabel.enabled was false)")
         if label not in ("soft", "class"):
             raise ValueError(f"label must be 'soft' or 'class', not {label!r}")
+        if manifest.labels.get("format") not in (LABELS_FORMAT, LABELS_FORMAT_V1):
+            raise RunError(f"{run_dir}: soft labels in format {manifest.labels.get('format')!r}; this version reads "
+                           f"{LABELS_FORMAT_V1} and {LABELS_FORMAT}")
         self.label = label
         self.ipc = manifest.ipc
         self.resolution = resolution or manifest.resolution
@@ -62,6 +65,7 @@ class DistilledDataset(Dataset):
         self.images: list[bytes] = []
         self.targets: list[int] = []
         self.views: list[np.ndarray] = []
+        self.tails: list[np.ndarray | None] = []  # v2 partial labels: the image's tail shape
         for shard in manifest.shards:
             images = read_verified(run_dir, shard.name, shard.sha256)
             labels = read_verified(run_dir, shard.labels["name"], shard.labels["sha256"])
@@ -69,7 +73,17 @@ class DistilledDataset(Dataset):
                 self.keys.append(key)
                 self.images.append(members[manifest.image_format])
                 self.targets.append(int(members["cls"]))
-                self.views.append(decode_records(labels[key]["views.npy.zst"]))
+                views = decode_records(labels[key]["views.npy.zst"])
+                tail = None
+                if needs_tail(views):  # v2 partial labels: the tail follows the region records
+                    regions = decode_arrays(labels[key]["regions.npy.zst"])
+                    rank = views.dtype["coef"].shape[0] if views.dtype["coef"].shape else 1
+                    if len(regions) != 2 or regions[1].shape != (rank, self.num_classes):
+                        raise RunError(f"{run_dir}: {shard.labels['name']}: {key}.regions.npy.zst holds no tail "
+                                       f"basis of {rank} x {self.num_classes}")
+                    tail = regions[1]
+                self.views.append(views)
+                self.tails.append(tail)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -80,13 +94,17 @@ class DistilledDataset(Dataset):
     def view_record(self, index: int) -> np.void:
         return self.views[index][self.epoch % self.num_views]
 
+    def view_logits(self, index: int) -> np.ndarray:
+        """The stored logits [1, C] of image `index`'s view for this epoch (v1 or v2 records)."""
+        return unpack_logits(self.view_record(index)[None], self.num_classes, self.tails[index])
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor | int]:
         record = self.view_record(index)
         image = apply_view(decode_distilled(self.images[index]), stored_view(record), self.resolution)
         if self.label == "class":
             target = self.targets[index]
         else:
-            target = torch.from_numpy(softmax(unpack_logits(record[None], self.num_classes), self.temperature)[0])
+            target = torch.from_numpy(softmax(self.view_logits(index), self.temperature)[0])
         if self.normalize:
             image = IMAGENET(image)
         return image, target

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from .geometry import apply_view, cell_boxes, decode_distilled, draw_view
-from .labels import LABELS_FORMAT, encode_records, kl_divergence, pack_labels, region_dtype, unpack_logits, view_dtype
+from .labels import (LABELS_FORMAT, encode_records, image_tail, kl_divergence, pack_labels, region_dtype, unpack_logits,
+                     view_dtype)
 from .rundir import label_shard_name
 from .score import Scorer
 from .tario import write_tar
@@ -27,48 +28,68 @@ from .tario import write_tar
 class ImageLabels:
     views: np.ndarray  # structured, view_dtype
     regions: np.ndarray  # structured, region_dtype
+    tail: np.ndarray | None  # f2[1 + tail_rank, C], the image's tail basis; None when the labels are exact
     kl: dict[float, float]  # temperature -> summed KL(stored || exact) over views and regions
     count: int  # labels (views + regions) in the sums
 
 
 class Relabeler:
     def __init__(self, scorer: Scorer, *, seed: int, views: int, resolution: int, factor: int, topk: int,
-                 temperatures: tuple[float, ...] = (1.0, 20.0)):
+                 exact_classes: int = 0, tail_rank: int = 0, temperatures: tuple[float, ...] = (1.0, 20.0)):
         self.scorer = scorer
-        self.seed, self.views, self.resolution, self.factor, self.topk = seed, views, resolution, factor, topk
+        self.seed, self.views, self.resolution, self.factor = seed, views, resolution, factor
         self.num_classes = len(scorer.observer.output_index)
-        self.view_dtype = view_dtype(factor, self.num_classes, topk)
-        self.region_dtype = region_dtype(self.num_classes, topk)
+        # classes stored per label: all of them (exact labels) up to max(topk, exact_classes) classes
+        self.topk = self.num_classes if self.num_classes <= max(topk, exact_classes) else topk
+        self.tail_rank = tail_rank
+        self.view_dtype = view_dtype(factor, self.num_classes, self.topk, tail_rank=tail_rank)
+        self.region_dtype = region_dtype(self.num_classes, self.topk, tail_rank=tail_rank)
         self.temperatures = temperatures
 
-    def label(self, key: str, encoded: bytes) -> ImageLabels:
-        image = decode_distilled(encoded)
+    def view_records(self, key: str) -> np.ndarray:
+        """The image's V view records, geometry filled in, labels not."""
         views = np.zeros(self.views, self.view_dtype)
-        batch = []
         for v in range(self.views):
             view = draw_view(self.seed, key, v, self.resolution, self.factor)
             views[v]["view"], views[v]["col_perm"], views[v]["row_perm"] = v, view.col_perm, view.row_perm
             views[v]["crop"], views[v]["flip"] = view.crop, view.flip
-            batch.append(apply_view(image, view, self.resolution))
+        return views
+
+    def exact(self, key: str, encoded: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The image's view records (geometry only, labels unset) and the observer's exact
+        log-probabilities of its views [V, C] and regions [N, C], float32."""
+        image = decode_distilled(encoded)
+        views = self.view_records(key)
+        batch = [apply_view(image, draw_view(self.seed, key, v, self.resolution, self.factor), self.resolution)
+                 for v in range(self.views)]
         view_lp = self.scorer.log_probs(torch.stack(batch).permute(0, 2, 3, 1)).numpy() if batch else \
             np.zeros((0, self.num_classes), np.float32)
-        pack_labels(views, view_lp)
-
         cells = cell_boxes(self.resolution, self.factor)
-        regions = np.zeros(len(cells), self.region_dtype)
         region_lp = np.zeros((len(cells), self.num_classes), np.float32)
         hwc = image.permute(1, 2, 0)
         for size in sorted({(b[2] - b[0], b[3] - b[1]) for b in cells}):  # cells of one size per call
             idx = [i for i, b in enumerate(cells) if (b[2] - b[0], b[3] - b[1]) == size]
             patches = torch.stack([hwc[cells[i][1]:cells[i][3], cells[i][0]:cells[i][2]] for i in idx])
             region_lp[idx] = self.scorer.log_probs(patches).numpy()
-        regions["cell"] = np.arange(len(cells))
-        pack_labels(regions, region_lp)
+        return views, view_lp, region_lp
+
+    def label(self, key: str, encoded: bytes) -> ImageLabels:
+        views, view_lp, region_lp = self.exact(key, encoded)
+        return self.pack(views, view_lp, region_lp)
+
+    def pack(self, views: np.ndarray, view_lp: np.ndarray, region_lp: np.ndarray) -> ImageLabels:
+        """Labels of one image from all its exact log-probabilities (the v2 tail needs every view first)."""
+        tail = None if self.topk >= self.num_classes else image_tail(view_lp, region_lp, rank=self.tail_rank)
+        pack_labels(views, view_lp, tail)
+        regions = np.zeros(len(region_lp), self.region_dtype)
+        regions["cell"] = np.arange(len(region_lp))
+        pack_labels(regions, region_lp, tail)
 
         exact = np.concatenate([view_lp, region_lp])
-        stored = np.concatenate([unpack_logits(views, self.num_classes), unpack_logits(regions, self.num_classes)])
+        stored = np.concatenate([unpack_logits(views, self.num_classes, tail),
+                                 unpack_logits(regions, self.num_classes, tail)])
         kl = {t: float(kl_divergence(stored, exact, t).sum()) for t in self.temperatures}
-        return ImageLabels(views, regions, kl, len(exact))
+        return ImageLabels(views, regions, tail, kl, len(exact))
 
 
 @dataclass
@@ -105,8 +126,10 @@ def write_label_shard(out_dir: Path, shard_no: int, samples: Sequence[tuple[str,
     for key, members in samples:
         labels = relabeler.label(key, members[image_format])
         stats.add(labels)
+        # v2 partial labels: the image's tail rides in the regions member, after the region records
+        regions = (labels.regions,) if labels.tail is None else (labels.regions, labels.tail)
         records.append((key, {"views.npy.zst": encode_records(labels.views),
-                              "regions.npy.zst": encode_records(labels.regions)}))
+                              "regions.npy.zst": encode_records(*regions)}))
         on_image(1)
     path = out_dir / label_shard_name(shard_no)
     sha = write_tar(path, records)
@@ -121,6 +144,7 @@ def labels_summary(relabeler: Relabeler, stats: LabelStats, image_bytes: int, la
         "regions": relabeler.factor * relabeler.factor,
         "classes": relabeler.num_classes,
         "topk": min(relabeler.topk, relabeler.num_classes),
+        "tail_rank": relabeler.tail_rank if relabeler.topk < relabeler.num_classes else 0,
         "bytes": label_bytes,
         "image_bytes": image_bytes,
         "bytes_ratio": round(label_bytes / image_bytes, 4) if image_bytes else None,

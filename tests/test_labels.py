@@ -6,25 +6,43 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import NUM_CLASSES
 from rded.cli import main
 from rded.config import load_job
-from rded.labels import kl_divergence, pack_labels, region_dtype, softmax, unpack_logits
+from rded.labels import (LABELS_FORMAT, LABELS_FORMAT_V1, decode_arrays, decode_records, encode_records, image_tail,
+                         kl_divergence, pack_labels, region_dtype, softmax, unpack_logits, view_dtype)
 from rded.geometry import apply_view, decode_distilled, draw_view, shuffle_grid
 from rded.loader import DistilledDataset, stored_view
 
 
-def test_codec_all_classes_and_topk_round_trip():
-    rng = np.random.default_rng(0)
-    lp = torch.log_softmax(torch.tensor(rng.normal(0, 3, (50, 40)), dtype=torch.float32), 1).numpy()
-    full = np.zeros(50, region_dtype(40, 40))
-    pack_labels(full, lp)
-    assert kl_divergence(unpack_logits(full, 40), lp, 1.0).max() < 1e-4
-    top = np.zeros(50, region_dtype(40, 8))
+def random_log_probs(n: int, c: int, seed: int = 0) -> np.ndarray:
+    """Views of one "image": a shared class profile plus per-view noise and sharpness."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(0, 3, c)
+    logits = base[None] * rng.uniform(0.5, 2, (n, 1)) + rng.normal(0, 1, (n, c))
+    return torch.log_softmax(torch.tensor(logits, dtype=torch.float32), 1).numpy()
+
+
+def test_codec_all_classes_is_exact_in_both_versions():
+    lp = random_log_probs(50, 40)
+    for version in (1, 2):
+        full = np.zeros(50, region_dtype(40, 40, version))
+        assert full.dtype.names == ("cell", "logit")
+        pack_labels(full, lp)
+        assert np.array_equal(full["logit"], (lp - lp.max(1, keepdims=True)).astype(np.float16))
+        assert kl_divergence(unpack_logits(full, 40), lp, 1.0).max() < 1e-4
+
+
+def test_codec_v1_records_still_decode():
+    lp = random_log_probs(50, 40)
+    top = np.zeros(50, region_dtype(40, 8, version=1))
+    assert top.dtype.names == ("cell", "index", "logit", "rest")
     pack_labels(top, lp)
     rec = softmax(unpack_logits(top, 40))
     exact = softmax(lp)
@@ -33,6 +51,64 @@ def test_codec_all_classes_and_topk_round_trip():
     assert np.allclose(np.take_along_axis(rec, idx, 1), np.take_along_axis(exact, idx, 1), atol=2e-3)
     assert np.allclose(rec.sum(1), 1.0, atol=1e-5)
     assert (np.argsort(-exact, 1)[:, :8] == idx).all()
+    for row, i in zip(unpack_logits(top, 40), range(50)):  # every other class gets `rest`
+        others = np.setdiff1d(np.arange(40), idx[i])
+        assert np.all(row[others] == np.float32(top["rest"][i]))
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_codec_v2_round_trip_is_the_documented_reconstruction(rank):
+    c, k = 40, 6
+    lp = random_log_probs(60, c)
+    views, regions = lp[:56], lp[56:]
+    tail = image_tail(views, regions, rank=rank)
+    assert tail.shape == (1 + rank, c) and tail.dtype == np.float16
+    # row 0: the mean of every label's shifted log-probabilities, shifted to a largest of 0, rounded to 1/8
+    shifted = lp.astype(np.float64) - lp.max(1, keepdims=True)
+    mean = shifted.mean(0)
+    assert np.array_equal(tail[0], (np.round((mean - mean.max()) * 8) / 8).astype(np.float16))
+    if rank:  # row 1: the leading principal direction, scaled to its standard deviation, rounded to 1/16
+        eigval, eigvec = np.linalg.eigh((shifted - mean).T @ (shifted - mean) / len(shifted))
+        d = eigvec[:, -1] * np.sqrt(eigval[-1])
+        d = d if d[np.argmax(np.abs(d))] > 0 else -d
+        assert np.abs(tail[1].astype(np.float64) - d).max() <= 1 / 32 + 1e-3
+    rec = np.zeros(56, view_dtype(2, c, k, tail_rank=rank))
+    pack_labels(rec, views, tail)
+    stored = unpack_logits(rec, c, tail)
+    basis = tail.astype(np.float64)
+    for i in range(56):  # brute force, class by class, from the record's fields alone
+        index = [int(j) for j in rec["index"][i]]
+        s = shifted[i]
+        assert index == sorted(range(c), key=lambda j: (-s[j], j))[:k]
+        others = [j for j in range(c) if j not in index]
+        assert np.isclose(float(rec["rest"][i]), np.log(sum(np.exp(s[j]) for j in others)), atol=1 / 64 + 2e-3)
+        coef = rec["coef"][i].astype(np.float64)
+        shape = [sum(coef[r] * basis[r, j] for r in range(1 + rank)) for j in range(c)]
+        norm = np.log(sum(np.exp(shape[j]) for j in others))
+        want = np.empty(c)
+        level = 0
+        for pos, j in enumerate(index):
+            level += int(rec["gap"][i][pos])
+            want[j] = -level / 16
+            assert abs(want[j] - s[j]) <= 1 / 32 + 1e-9
+        for j in others:
+            want[j] = float(rec["rest"][i]) + shape[j] - norm
+        assert np.allclose(stored[i], want, atol=1e-4, rtol=1e-5)
+        # coef: least squares (with an intercept) of the label's tail on the basis, by the normal equations
+        a = np.array([[1.0, *basis[:, j]] for j in others])
+        fit = np.linalg.solve(a.T @ a, a.T @ s[others])[1:]
+        assert np.all(np.abs(coef - fit) <= 1 / 256 + 1e-3 * np.maximum(1.0, np.abs(fit)))
+    # the stored labels carry the remaining mass exactly (up to f2) and beat v1 on structured tails
+    assert np.allclose(softmax(stored).sum(1), 1.0, atol=1e-5)
+    v1 = np.zeros(56, view_dtype(2, c, k, version=1))
+    pack_labels(v1, views)
+    for t in (1.0, 20.0):
+        assert kl_divergence(stored, views, t).mean() < 0.5 * kl_divergence(unpack_logits(v1, c), views, t).mean()
+    with pytest.raises(ValueError):
+        unpack_logits(rec, c)
+    assert np.array_equal(decode_records(encode_records(rec)), rec)
+    back = decode_arrays(encode_records(rec, tail))
+    assert len(back) == 2 and np.array_equal(back[0], rec) and np.array_equal(back[1], tail)
 
 
 def test_views_are_pure_and_shuffle_is_a_permutation():
@@ -161,3 +237,128 @@ def read_member_json(run, manifest, key):
         if key in samples:
             return samples[key]["json"]
     raise KeyError(key)
+
+
+@pytest.fixture(scope="module")
+def topk_run(tmp_path_factory, data_dir) -> Path:
+    """A run whose labels are partial (topk 2 < 3 classes): v2 records with a per-image tail."""
+    from conftest import job_text
+    from rded.distill import run_distill
+
+    tmp = tmp_path_factory.mktemp("topk")
+    (tmp / "job.toml").write_text(job_text(data_dir, relabel={"views": 3, "topk": 2, "exact_classes": 0,
+                                                                   "tail_rank": 1}))
+    run_distill(load_job(tmp / "job.toml"), tmp / "out")
+    return tmp / "out"
+
+
+def exact_labels(run: Path):
+    """Per key: the observer's exact log-probabilities of the stored views and regions, recomputed."""
+    from rded.observer import build_observer
+    from rded.relabel import Relabeler
+    from rded.runtime import resolve_devices
+    from rded.score import Scorer
+    from rded.source import load_classes
+
+    job = load_job(run.parent / "job.toml")
+    obs = build_observer(job, load_classes(job), resolve_devices(job.runtime.device, job.runtime.decoder)[0])
+    scorer = Scorer(obs, mode=job.distill.score_mode, resolution=32, score_batch=job.runtime.score_batch, decimals=4)
+    relabeler = Relabeler(scorer, seed=0, views=3, resolution=32, factor=2, topk=job.relabel.topk,
+                          tail_rank=job.relabel.tail_rank)
+    ds = DistilledDataset(run, normalize=False)
+    return ds, {key: relabeler.exact(key, ds.images[i])[1:] for i, key in enumerate(ds.keys)}
+
+
+def test_v2_run_fidelity_in_manifest_matches_a_recomputation(topk_run):
+    from conftest import tar_members
+
+    manifest = json.loads((topk_run / "manifest.json").read_text())
+    labels = manifest["labels"]
+    assert labels["format"] == LABELS_FORMAT and labels["topk"] == 2 and labels["classes"] == NUM_CLASSES
+    ds, exact = exact_labels(topk_run)
+    members = {}
+    for shard in manifest["shards"]:
+        members.update(tar_members(topk_run / shard["labels"]["name"]))
+    kl = {1.0: 0.0, 20.0: 0.0}
+    count = 0
+    for i, key in enumerate(ds.keys):
+        view_lp, region_lp = exact[key]
+        views = decode_records(members[f"{key}.views.npy.zst"])
+        regions, tail = decode_arrays(members[f"{key}.regions.npy.zst"])  # v2: the tail follows the regions
+        assert set(views.dtype.names) >= {"index", "gap", "rest", "coef"} and tail.dtype == np.float16
+        assert np.array_equal(tail, image_tail(view_lp, region_lp, rank=1))
+        stored = np.concatenate([unpack_logits(views, NUM_CLASSES, tail), unpack_logits(regions, NUM_CLASSES, tail)])
+        both = np.concatenate([view_lp, region_lp])
+        for t in kl:
+            kl[t] += kl_divergence(stored, both, t).sum()
+        count += len(both)
+        for epoch in range(3):  # the loader's label is the decoded v2 record
+            ds.set_epoch(epoch)
+            assert np.allclose(ds[i][1].numpy(), softmax(stored[epoch:epoch + 1], 1.0)[0], atol=1e-6)
+    assert labels["mean_kl_t1"] == float(f"{kl[1.0] / count:.3e}")
+    assert labels["mean_kl_t20"] == float(f"{kl[20.0] / count:.3e}")
+    assert labels["mean_kl_t1"] > 0  # partial labels: not exact
+
+
+def test_loader_reads_a_v1_run(topk_run, tmp_path):
+    """A run written by the previous version (rded-soft-labels/1: no tail, `rest` spread evenly)."""
+    from conftest import copy_tree
+    from rded.tario import read_samples, write_tar
+
+    run = copy_tree(topk_run, tmp_path / "v1")
+    manifest = json.loads((run / "manifest.json").read_text())
+    expected = {}
+    for shard in manifest["shards"]:
+        path = run / shard["labels"]["name"]
+        samples = read_samples(path.read_bytes(), path.name)
+        out = []
+        for key, members in samples.items():
+            v2 = decode_records(members["views.npy.zst"])
+            v1 = np.zeros(len(v2), view_dtype(2, NUM_CLASSES, 2, version=1))
+            for f in ("view", "col_perm", "row_perm", "crop", "flip"):
+                v1[f] = v2[f]
+            regions, tail = decode_arrays(members["regions.npy.zst"])
+            pack_labels(v1, unpack_logits(v2, NUM_CLASSES, tail))
+            expected[key] = unpack_logits(v1, NUM_CLASSES)
+            r1 = np.zeros(len(regions), region_dtype(NUM_CLASSES, 2, version=1))
+            r1["cell"] = regions["cell"]
+            pack_labels(r1, unpack_logits(regions, NUM_CLASSES, tail))
+            out.append((key, {"views.npy.zst": encode_records(v1), "regions.npy.zst": encode_records(r1)}))
+        shard["labels"]["sha256"] = write_tar(path, out)
+        shard["labels"]["bytes"] = path.stat().st_size
+    manifest["labels"]["format"] = LABELS_FORMAT_V1
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    ds = DistilledDataset(run, temperature=4.0, normalize=False)
+    new = DistilledDataset(topk_run, temperature=4.0, normalize=False)
+    assert ds.keys == new.keys
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        new.set_epoch(epoch)
+        for i, key in enumerate(ds.keys):
+            image, target = ds[i]
+            assert torch.equal(image, new[i][0])
+            assert np.allclose(target.numpy(), softmax(expected[key][epoch:epoch + 1], 4.0)[0], atol=1e-6)
+    manifest["labels"]["format"] = "rded-soft-labels/9"
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(Exception, match="soft-labels/9"):
+        DistilledDataset(run)
+
+
+def test_shards_readme_decoder_reads_v2_labels_with_numpy_and_zstandard_alone(topk_run, tmp_path):
+    """The reading snippet in shards/README.md, run as written (numpy and zstandard only), decodes v2 labels
+    exactly as the loader does."""
+    readme = (Path(__file__).resolve().parents[1] / "shards" / "README.md").read_text()
+    snippet = readme.split("Reading needs only numpy and zstandard:\n\n```python\n", 1)[1].split("```", 1)[0]
+    ds = DistilledDataset(topk_run, normalize=False)
+    key = ds.keys[0]
+    assert 'key, C = "00003_0000", 1000' in snippet
+    code = ("import sys\n" + snippet.replace('key, C = "00003_0000", 1000', f'key, C = "{key}", {NUM_CLASSES}')
+            + "\nassert 'rded' not in sys.modules and tail is not None\nnp.save(sys.argv[1], view_logits)\n")
+    out = tmp_path / "logits.npy"
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=120,
+                          cwd=topk_run)
+    assert proc.returncode == 0, proc.stderr
+    got = np.load(out)
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        assert np.allclose(got[epoch], ds.view_logits(0)[0], atol=1e-5)
