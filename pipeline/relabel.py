@@ -58,20 +58,30 @@ class Relabeler:
     def exact(self, key: str, encoded: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The image's view records (geometry only, labels unset) and the observer's exact
         log-probabilities of its views [V, C] and regions [N, C], float32."""
-        image = decode_distilled(encoded)
-        views = self.view_records(key)
+        return self.exact_many([(key, encoded)])[0]
+
+    def exact_many(self, images: Sequence[tuple[str, bytes]]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """`exact` for several images, their views (and regions) sharing observer calls: with few views per
+        image, one image per call would fill most of each fixed-shape `score_batch` with padding. Rows are
+        scored independently, so the result is the same as one image at a time."""
+        views = [self.view_records(key) for key, _ in images]
+        decoded = [decode_distilled(encoded) for _, encoded in images]
         batch = [apply_view(image, draw_view(self.seed, key, v, self.resolution, self.factor), self.resolution)
-                 for v in range(self.views)]
+                 for (key, _), image in zip(images, decoded) for v in range(self.views)]
         view_lp = self.scorer.log_probs(torch.stack(batch).permute(0, 2, 3, 1)).numpy() if batch else \
             np.zeros((0, self.num_classes), np.float32)
         cells = cell_boxes(self.resolution, self.factor)
-        region_lp = np.zeros((len(cells), self.num_classes), np.float32)
-        hwc = image.permute(1, 2, 0)
+        region_lp = np.zeros((len(images), len(cells), self.num_classes), np.float32)
+        hwcs = [image.permute(1, 2, 0) for image in decoded]
         for size in sorted({(b[2] - b[0], b[3] - b[1]) for b in cells}):  # cells of one size per call
             idx = [i for i, b in enumerate(cells) if (b[2] - b[0], b[3] - b[1]) == size]
-            patches = torch.stack([hwc[cells[i][1]:cells[i][3], cells[i][0]:cells[i][2]] for i in idx])
-            region_lp[idx] = self.scorer.log_probs(patches).numpy()
-        return views, view_lp, region_lp
+            patches = torch.stack([hwc[cells[i][1]:cells[i][3], cells[i][0]:cells[i][2]] for hwc in hwcs for i in idx])
+            region_lp[:, idx] = self.scorer.log_probs(patches).numpy().reshape(len(images), len(idx), -1)
+        return [(v, view_lp[n * self.views:(n + 1) * self.views], region_lp[n]) for n, v in enumerate(views)]
+
+    def images_per_call(self) -> int:
+        """Images whose views fill about one `score_batch` (one image when it has that many views)."""
+        return max(1, self.scorer.score_batch // max(self.views, 1))
 
     def label(self, key: str, encoded: bytes) -> ImageLabels:
         views, view_lp, region_lp = self.exact(key, encoded)
@@ -123,14 +133,18 @@ def write_label_shard(out_dir: Path, shard_no: int, samples: Sequence[tuple[str,
     """Soft labels of one distilled shard's images, labelled from their stored (encoded) bytes, written
     as the label shard of the same number; its {name, bytes, sha256}."""
     records = []
-    for key, members in samples:
-        labels = relabeler.label(key, members[image_format])
-        stats.add(labels)
-        # v2 partial labels: the image's tail rides in the regions member, after the region records
-        regions = (labels.regions,) if labels.tail is None else (labels.regions, labels.tail)
-        records.append((key, {"views.npy.zst": encode_records(labels.views),
-                              "regions.npy.zst": encode_records(*regions)}))
-        on_image(1)
+    group = relabeler.images_per_call()
+    for start in range(0, len(samples), group):
+        part = samples[start:start + group]
+        exact = relabeler.exact_many([(key, members[image_format]) for key, members in part])
+        for (key, _), (views, view_lp, region_lp) in zip(part, exact):
+            labels = relabeler.pack(views, view_lp, region_lp)
+            stats.add(labels)
+            # v2 partial labels: the image's tail rides in the regions member, after the region records
+            regions = (labels.regions,) if labels.tail is None else (labels.regions, labels.tail)
+            records.append((key, {"views.npy.zst": encode_records(labels.views),
+                                  "regions.npy.zst": encode_records(*regions)}))
+            on_image(1)
     path = out_dir / label_shard_name(shard_no)
     sha = write_tar(path, records)
     return {"name": path.name, "bytes": path.stat().st_size, "sha256": sha}
