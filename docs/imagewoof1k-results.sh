@@ -17,12 +17,12 @@ TRAIN=(--val "$VAL" --student resnet18 --epochs 100 --resolution 112 --quiet)
 
 timed() { local name=$1; shift; local t0=$SECONDS; "$@"; echo "$name $((SECONDS - t0))" >> "$OUT/times.txt"; }
 
-timed distill-s224-v300 $RDED distill "$JOB" --out "$OUT/s224-v300" --set relabel.views=300 --overwrite
 timed distill-cpu-recipe $RDED distill "$JOB" --out "$OUT/ipc10" --set distill.resolution=112 \
   --set relabel.views=100 --overwrite
 timed eval-stored $RDED eval --distilled "$OUT/ipc10" "${TRAIN[@]}" --out "$OUT/stored-ipc10.json"
 timed eval-online $RDED eval --distilled "$OUT/ipc10" "${TRAIN[@]}" --teacher-online --job "$JOB" \
   --out "$OUT/online-ipc10.json"
+timed distill-s224-v300 $RDED distill "$JOB" --out "$OUT/s224-v300" --set relabel.views=300 --overwrite
 .venv/bin/python - "$OUT" <<'PY'
 import json, sys
 out = sys.argv[1]
