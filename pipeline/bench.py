@@ -22,6 +22,7 @@ import torch
 
 from .config import BenchConfig, JobConfig, load_job
 from .distill import run_distill
+from .errors import OptionError
 from .observer import build_observer
 from .records import SampleRef
 from .report import escape_field, peak_rss_mib
@@ -104,6 +105,9 @@ def reference_style(job: JobConfig, drawn_keys: dict[int, list[tuple[str, int, i
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     job, out_dir = load_job(cfg.job, cfg.overrides), cfg.out
+    if cfg.reference and any(s.url for s in expand_shards(job)):
+        raise OptionError("no_reference", "needed for http(s):// or pipe: shards: the reference-style "
+                                          "baseline reads local shards only (it seeks)")
     summary = run_distill(job, out_dir / "ours", overwrite=True)
     report = json.loads((out_dir / "ours" / "report.json").read_text())
     stages = report["stages"]

@@ -238,6 +238,14 @@ def source_and_select(run: Run) -> tuple[list[SampleRef], dict[int, int]]:
     for r in dropped:
         run.record(r, NOT_DRAWN)
     drawn = ranks.merge_top(local, cfg.subset, draw.order)
+    if not drawn:  # e.g. every URL failed: say why now rather than publish an empty run
+        acc = merge_accounting(ranks.gather(run.ledger.summary()))
+        why = [f"{n} {reason}" for reason, n in acc[SKIPPED].items()] + \
+              ([f"{acc[EXCLUDED]} of classes not in data.class_subset"] if acc[EXCLUDED] else [])
+        examples = acc["skipped_examples"].get("corrupt_shard", [])[:3]
+        raise JobError(f"data.train: no usable sample in {len(run.shards)} shards ({acc['input_samples']} read"
+                       + (f"; {', '.join(why)}" if why else "") + ")"
+                       + (f"; broke off at {', '.join(examples)}" if examples else ""))
     drawn_ids = {(r.shard, r.key) for refs in drawn.values() for r in refs}
     mine = []
     for r in (r for refs in local.values() for r in refs):

@@ -17,3 +17,10 @@ def test_bench_reports_all_three_on_the_same_images(write_job, tmp_path, capsys)
     assert len(list((tmp_path / "b" / "reference").glob("*.jpg"))) == 2 * 3
     out = capsys.readouterr().out
     assert "reference: end to end" in out and "ceiling: observer only" in out
+
+
+def test_bench_over_streamed_shards_needs_no_reference(write_job, data_dir, tmp_path, capsys):
+    job = write_job(data={"train": f"pipe:cat {data_dir}/train-{{000000..000001}}.tar"})
+    assert main(["bench", str(job), "--out", str(tmp_path / "b")]) == 2
+    assert "--no-reference" in capsys.readouterr().err
+    assert not (tmp_path / "b" / "ours").exists()

@@ -145,6 +145,16 @@ def test_pipe_that_exits_non_zero_is_counted(write_job, data_dir, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["classes"][NUM_CLASSES - 1]["drawn"] > 0
 
 
+def test_no_readable_shard_is_one_error_not_an_empty_run(write_job, data_dir, tmp_path, capsys):
+    with serve(data_dir) as (base, _):
+        job = write_job(data={"train": [base + "/nope-0.tar", base + "/nope-1.tar"]})
+        rc = main(["distill", str(job), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no usable sample in 2 shards" in err and "2 corrupt_shard" in err, err
+    assert base + "/nope-0.tar" in err
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+
+
 @pytest.mark.parametrize("train", ["ftp://example.org/train-000000.tar", "s3://bucket/train.tar"])
 def test_unsupported_url_scheme_is_exit_2(write_job, tmp_path, capsys, train):
     rc = main(["distill", str(write_job(data={"train": train})), "--out", str(tmp_path / "o")])
