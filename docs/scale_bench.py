@@ -82,17 +82,19 @@ def ensure_data(data: Path) -> None:
         save_torchscript(PooledLinear(1000), data / "observer-linear-1000.pt")
 
 
-def run_fraction(data: Path, out: Path, fraction: float, views: int) -> dict:
+def run_fraction(data: Path, out: Path, fraction: float, views: int, reuse: bool = False) -> dict:
     shards = max(1, round(SHARDS * fraction))
     job = out / f"job-{shards}.toml"
     job.write_text(JOB.format(data=data.resolve(), last=shards - 1, views=views))
     run_dir = out / f"run-{shards}"
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "rded", "distill", str(job), "--out", str(run_dir), "--overwrite"],
-                          capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode:
-        raise SystemExit(f"rded distill failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    log = out / f"run-{shards}.log"
+    if not (reuse and (run_dir / "manifest.json").is_file()):
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "rded", "distill", str(job), "--out", str(run_dir),
+                               "--overwrite"], capture_output=True, text=True)
+        log.write_text(f"wall {time.perf_counter() - t0:.1f}\n{proc.stderr}")
+        if proc.returncode:
+            raise SystemExit(f"rded distill failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     report = json.loads((run_dir / "report.json").read_text())
     manifest = json.loads((run_dir / "manifest.json").read_text())
     stages = report["stages"]
@@ -100,11 +102,11 @@ def run_fraction(data: Path, out: Path, fraction: float, views: int) -> dict:
     return {
         "fraction": fraction, "shards": shards, "samples": report["accounting"]["input_samples"],
         "drawn": sum(c["drawn"] for c in manifest["classes"]), "images": manifest["images"],
-        "wall_s": round(wall, 1), "job_s": report["seconds"], "peak_rss_mib": report["peak_rss_mib"],
-        "index_samples_per_s": round(index["items"] / index["seconds"]) if index["seconds"] else None,
+        "wall_s": float(log.read_text().split()[1]), "job_s": report["seconds"], "peak_rss_mib": report["peak_rss_mib"],
+        "index_samples_per_s": round(index["images_per_s"]),
         "stages_s": {name: s["seconds"] for name, s in stages.items()},
         "bytes": {name: (run_dir / name).stat().st_size for name in ("samples.tsv", "manifest.json", "report.json")},
-        "log_tail": proc.stderr.strip().splitlines()[-3:],
+        "log_tail": log.read_text().strip().splitlines()[-2:],
     }
 
 
@@ -128,13 +130,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--fractions", default="0.1,0.3,1", help="shares of the 1,024 shards, comma-separated")
     parser.add_argument("--views", type=int, default=4, help="relabel.views (stored views per image)")
+    parser.add_argument("--reuse", action="store_true", help="report finished runs in --out instead of rerunning")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     ensure_data(args.data)
     rows = []
     for fraction in (float(f) for f in args.fractions.split(",")):
         print(f"running {fraction:.0%} of the shards ...", file=sys.stderr, flush=True)
-        rows.append(run_fraction(args.data, args.out, fraction, args.views))
+        rows.append(run_fraction(args.data, args.out, fraction, args.views, args.reuse))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         (args.out / "scale.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(table(rows))
