@@ -10,6 +10,9 @@ wrong with the job is checked before work starts; outputs are staged and publish
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
+import re
 import shutil
 import sys
 import time
@@ -52,12 +55,21 @@ def log(msg: str) -> None:
 
 def versions() -> dict[str, str]:
     import PIL
-    import torchvision
     from nvidia import dali
 
     return {"rded": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "nvidia-dali": dali.__version__,
+            "torchvision": torchvision_version(), "nvidia-dali": dali.__version__,
             "numpy": np.__version__, "pillow": PIL.__version__}
+
+
+def torchvision_version() -> str:
+    """torchvision.__version__ without importing torchvision when the job did not need it: the import
+    costs about 160 MB of resident memory, which would be the job's peak if taken for the manifest."""
+    if "torchvision" in sys.modules:
+        return sys.modules["torchvision"].__version__
+    spec = importlib.util.find_spec("torchvision")
+    found = re.search(r"""__version__ = ['"]([^'"]+)['"]""", (Path(spec.origin).parent / "version.py").read_text())
+    return found.group(1) if found else importlib.metadata.version("torchvision")
 
 
 @dataclass
@@ -266,7 +278,8 @@ def source_and_select(run: Run) -> tuple[list[SampleRef], dict[int, int]]:
 def decode_crop_score(run: Run, drawn: list[SampleRef], scorer: Scorer, window: Callable,
                       order: Callable) -> tuple[dict[Any, list[ScoredPatch]], int]:
     """Decode + crop K candidates per drawn image, score them, keep each image's best, and keep each
-    class's best N x IPC in a top-k. Returns (this rank's per-class top-k, images scored by all ranks)."""
+    class's best N x IPC in a top-k. Returns (this rank's per-class top-k, images scored by all ranks).
+    Consumes `drawn` (its entries become None as they are scored)."""
     cfg, runtime = run.job.distill, run.job.runtime
     ranking: PerClassTopK[ScoredPatch] = PerClassTopK(cfg.patches_per_image * cfg.ipc, order=order,
                                                       class_of=lambda p: p.label)
@@ -277,8 +290,9 @@ def decode_crop_score(run: Run, drawn: list[SampleRef], scorer: Scorer, window: 
     fetch = MemberFetcher(run.shards, run.stream_spool, run.ranks.rank)
     try:
         for start in range(0, len(drawn), runtime.batch_size):
-            scored += _score_batch(run, drawn[start:start + runtime.batch_size], fetch, cutter, scorer, window,
-                                   ranking)
+            batch = drawn[start:start + runtime.batch_size]
+            drawn[start:start + len(batch)] = [None] * len(batch)  # consumed: memory follows the top-k, not the draw
+            scored += _score_batch(run, batch, fetch, cutter, scorer, window, ranking)
             bar.update(min(runtime.batch_size, len(drawn) - start))
     finally:
         fetch.close()  # the spool is complete before the ranks merge their winners

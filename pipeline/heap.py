@@ -16,20 +16,22 @@ T = TypeVar("T")
 class TopK(Generic[T]):
     """The k smallest items by `order` (a total order: make ties impossible, e.g. end with the key).
 
-    Items are appended and the buffer is cut back to k whenever it reaches 2k, so memory stays O(k)
-    and the cost is O(n log k) amortised. `push` returns what was dropped, for accounting.
+    Items are appended and the buffer is cut back to k whenever it reaches k + slack (default slack k), so
+    memory stays O(k) and the cost is O(n log k) amortised; a smaller slack holds fewer items at the cost
+    of more frequent sorts. `push` returns what was dropped, for accounting.
     """
 
-    def __init__(self, k: int, order: Callable[[T], Any]):
+    def __init__(self, k: int, order: Callable[[T], Any], slack: int | None = None):
         if k < 1:
             raise ValueError("k must be at least 1")
         self.k = k
         self.order = order
+        self._limit = k + max(1, k if slack is None else slack)
         self._items: list[T] = []
 
     def push(self, item: T) -> list[T]:
         self._items.append(item)
-        if len(self._items) >= 2 * self.k:
+        if len(self._items) >= self._limit:
             return self._cut()
         return []
 
@@ -49,15 +51,16 @@ class TopK(Generic[T]):
 
 
 class PerClassTopK(Generic[T]):
-    def __init__(self, k: int, order: Callable[[T], Any], class_of: Callable[[T], Hashable]):
-        self.k, self.order, self.class_of = k, order, class_of
+    def __init__(self, k: int, order: Callable[[T], Any], class_of: Callable[[T], Hashable],
+                 slack: int | None = None):
+        self.k, self.order, self.class_of, self.slack = k, order, class_of, slack
         self._heaps: dict[Hashable, TopK[T]] = {}
 
     def push(self, item: T) -> list[T]:
         c = self.class_of(item)
         heap = self._heaps.get(c)
         if heap is None:
-            heap = self._heaps[c] = TopK(self.k, self.order)
+            heap = self._heaps[c] = TopK(self.k, self.order, self.slack)
         return heap.push(item)
 
     def push_all(self, items: Iterable[T]) -> list[T]:

@@ -18,7 +18,10 @@ class SubsetDraw:
 
     def __init__(self, seed: int, subset: int):
         self.seed, self.subset = seed, subset
-        self._topk: PerClassTopK[SampleRef] = PerClassTopK(subset, order=self.order, class_of=lambda r: r.label)
+        # a quarter of k as slack: at ImageNet scale every class overflows its buffer, and the buffers are the
+        # index pass's largest live set (a 2k buffer would hold twice the drawn set)
+        self._topk: PerClassTopK[SampleRef] = PerClassTopK(subset, order=self.order, class_of=lambda r: r.label,
+                                                           slack=max(16, subset // 4))
 
     def order(self, ref: SampleRef) -> tuple[int, str]:
         return draw_order(self.seed, ref)

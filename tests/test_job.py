@@ -231,3 +231,13 @@ def test_truncated_shard_keeps_what_came_before(write_job, data_dir, tmp_path):
     complete_before_cut = len(sample_keys(data_dir / "train-000000.tar")) // 2 - 2
     assert acc["input_samples"] > complete_before_cut + len(sample_keys(data_dir / "train-000001.tar"))
     assert (tmp_path / "out" / "manifest.json").is_file()
+
+
+def test_manifest_names_torchvision_version_without_importing_it():
+    """The manifest's versions must not import torchvision (~160 MB resident) when the job did not."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from rded.distill import torchvision_version; v = torchvision_version(); "
+            "assert 'torchvision' not in sys.modules; import torchvision; assert v == torchvision.__version__, v")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -102,12 +102,13 @@ def test_class_with_fewer_samples_than_subset_keeps_all():
     assert len(chosen[0]) == 4 and not not_drawn
 
 
+@pytest.mark.parametrize("slack", [None, 1, 3])
 @pytest.mark.parametrize("n,k", [(0, 1), (1, 1), (5, 10), (100, 7), (1000, 64), (257, 128)])
-def test_topk_equals_brute_force_sort(n, k):
+def test_topk_equals_brute_force_sort(n, k, slack):
     rng = random.Random(n * 31 + k)
     # few distinct scores, so ties are common and the key must break them
     items = [(round(rng.uniform(-3, 0), 1), f"key{rng.randrange(10**6):06d}-{i}") for i in range(n)]
-    top = TopK(k, order=lambda t: (-t[0], t[1]))
+    top = TopK(k, order=lambda t: (-t[0], t[1]), slack=slack)
     dropped = []
     for it in items:
         dropped += top.push(it)
