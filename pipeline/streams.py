@@ -231,28 +231,39 @@ class MemberFetcher:
 
 class MemberSpool:
     """Streamed members' bytes on local disk: one file per (rank, shard) and its index (offset, position,
-    size) written on close, which every rank can read afterwards."""
+    size), written when the scoring pass moves on to the next shard (members come shard by shard), so one
+    file is open at a time however many shards there are; every rank can read them afterwards."""
 
     def __init__(self, folder: Path, rank: int = 0):
         self.dir, self.rank = folder, rank
-        self._files: dict[int, tuple[object, list[tuple[int, int, int]]]] = {}
+        self._shard: int | None = None
+        self._file = None
+        self._index: list[tuple[int, int, int]] = []
+        self._done: set[int] = set()
 
     def _path(self, shard_index: int, suffix: str) -> Path:
         return self.dir / f"r{self.rank}-s{shard_index}.{suffix}"
 
     def put(self, shard_index: int, offset: int, data: bytes) -> None:
-        if shard_index not in self._files:
+        if shard_index != self._shard:
+            self._finish_shard()
+            if shard_index in self._done:
+                raise RuntimeError(f"spool: shard {shard_index} was already finished")
             self.dir.mkdir(parents=True, exist_ok=True)
-            self._files[shard_index] = (open(self._path(shard_index, "bin"), "wb"), [])
-        f, index = self._files[shard_index]
-        index.append((offset, f.tell(), len(data)))
-        f.write(data)
+            self._shard, self._file, self._index = shard_index, open(self._path(shard_index, "bin"), "wb"), []
+        self._index.append((offset, self._file.tell(), len(data)))
+        self._file.write(data)
+
+    def _finish_shard(self) -> None:
+        if self._shard is None:
+            return
+        self._file.close()
+        np.save(self._path(self._shard, "npy"), np.asarray(self._index, np.int64).reshape(-1, 3))
+        self._done.add(self._shard)
+        self._shard, self._file, self._index = None, None, []
 
     def close(self) -> None:
-        for shard_index, (f, index) in self._files.items():
-            f.close()
-            np.save(self._path(shard_index, "npy"), np.asarray(index, np.int64).reshape(-1, 3))
-        self._files.clear()
+        self._finish_shard()
 
 
 class SpooledMembers:

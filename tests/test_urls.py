@@ -208,3 +208,22 @@ def test_output_names_are_file_names_unless_they_collide():
         ["train-0.tar", "train-1.tar", "train-2.tar"]
     assert output_names(["/data/a/x.tar", "/data/b/x.tar"]) == ["a/x.tar", "b/x.tar"]
     assert output_names(["http://h/data/a/x.tar", "http://h/data/b/x.tar"]) == ["a/x.tar", "b/x.tar"]
+
+
+def test_spool_finishes_each_shard_before_the_next(tmp_path):
+    """One spool file open at a time (ImageNet has 1,024 shards; the default limit is 1,024 open files)."""
+    import numpy as np
+
+    from rded.streams import MemberSpool
+
+    spool = MemberSpool(tmp_path, rank=0)
+    spool.put(0, 512, b"a" * 10)
+    spool.put(0, 2048, b"b" * 5)
+    assert not (tmp_path / "r0-s0.npy").exists()
+    spool.put(3, 512, b"c" * 7)
+    assert np.load(tmp_path / "r0-s0.npy").tolist() == [[512, 0, 10], [2048, 10, 5]]
+    with pytest.raises(RuntimeError):
+        spool.put(0, 4096, b"d")
+    spool.close()
+    assert np.load(tmp_path / "r0-s3.npy").tolist() == [[512, 0, 7]]
+    assert (tmp_path / "r0-s3.bin").read_bytes() == b"c" * 7
