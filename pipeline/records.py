@@ -11,7 +11,7 @@ from .keyed import Window, keyed_u64
 
 @dataclass(frozen=True, slots=True)
 class Shard:
-    name: str  # as written in the job (after brace expansion): machine-independent, goes into outputs
+    name: str  # as written in the job (after brace expansion): samples.tsv and messages name the shard by it
     path: Path | None  # where it is on this machine (None: a stream)
     url: str | None = None  # an http(s):// URL or pipe: command, read as a forward-only stream (rded.streams)
     output_name: str = ""  # its name in the distilled images' provenance (rded.source.output_names)
