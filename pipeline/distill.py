@@ -81,10 +81,13 @@ class Summary:
     scored_images: int
     skipped: int
     seconds: float
+    classes_with_images: int | None = None  # fewer than `classes` when some have no sample
 
     def line(self) -> str:
         rate = self.scored_images / self.seconds if self.seconds else 0.0
-        return (f"{self.images} distilled images ({self.classes} classes, {self.shards} shards) from "
+        classes = (f"{self.classes_with_images} of {self.classes} classes"
+                   if self.classes_with_images not in (None, self.classes) else f"{self.classes} classes")
+        return (f"{self.images} distilled images ({classes}, {self.shards} shards) from "
                 f"{self.scored_images} scored source images in {self.seconds:.1f} s ({rate:.1f} images/s); "
                 f"{self.skipped} samples skipped; output: {self.out_dir}")
 
@@ -423,7 +426,8 @@ def finish(run: Run, result: WriteResult, label_stats: LabelStats, relabeler: Re
     accounting = merge_accounting(ranks.gather(run.ledger.summary()))
     seconds = time.perf_counter() - run.started
     summary = Summary(run.out_dir, sum(s.samples for s in result.shards), len(result.shards), len(run.wanted),
-                      scored, sum(accounting[SKIPPED].values()), seconds)
+                      scored, sum(accounting[SKIPPED].values()), seconds,
+                      sum(1 for c in run.wanted if result.images_per_class.get(c, 0)))
     if not ranks.is_main:
         return summary
     if ranks.world > 1:

@@ -38,7 +38,8 @@ def test_thousand_observer_classes_with_data_for_three(tmp_path):
     job.write_text(text.replace(f'classes = "{data / "classes.json"}"\n', ""))
     assert "classes =" not in job.read_text()
 
-    run_distill(load_job(job), tmp_path / "out")
+    summary = run_distill(load_job(job), tmp_path / "out")
+    assert "6 distilled images (3 of 1000 classes" in summary.line()
     out = tmp_path / "out"
     manifest = json.loads((out / "manifest.json").read_text())
     report = json.loads((out / "report.json").read_text())
