@@ -296,7 +296,7 @@ def decode_crop_score(run: Run, drawn: list[SampleRef], scorer: Scorer, window: 
             batch = drawn[start:start + runtime.batch_size]
             drawn[start:start + len(batch)] = [None] * len(batch)  # consumed: memory follows the top-k, not the draw
             scored += _score_batch(run, batch, fetch, cutter, scorer, window, ranking)
-            bar.update(min(runtime.batch_size, len(drawn) - start))
+            bar.update(len(batch))
     finally:
         fetch.close()  # the spool is complete before the ranks merge their winners
     bar.close()
@@ -320,13 +320,13 @@ def _score_batch(run: Run, batch: list[SampleRef], fetch: MemberFetcher, cutter:
     for ref, reason in rejected:
         run.record(ref, SKIPPED, reason)
     with run.timings.stage("heap", len(best)):
-        out = set()
+        dropped = set()
         for patch in best:
             for d in ranking.push(patch):
                 run.record(d, SCORED)
-                out.add((d.shard, d.offset))
+                dropped.add((d.shard, d.offset))
     # only a patch still in the top-k can become a winner: spool its bytes (streamed shards)
-    fetch.keep((p.shard, p.offset) for p in best if (p.shard, p.offset) not in out)
+    fetch.keep((p.shard, p.offset) for p in best if (p.shard, p.offset) not in dropped)
     return len(best)
 
 
@@ -425,9 +425,9 @@ def finish(run: Run, result: WriteResult, label_stats: LabelStats, relabeler: Re
     cfg, ranks = run.job.distill, run.ranks
     accounting = merge_accounting(ranks.gather(run.ledger.summary()))
     seconds = time.perf_counter() - run.started
+    per_class = {c: result.images_per_class.get(c, 0) for c in sorted(run.wanted)}
     summary = Summary(run.out_dir, sum(s.samples for s in result.shards), len(result.shards), len(run.wanted),
-                      scored, sum(accounting[SKIPPED].values()), seconds,
-                      sum(1 for c in run.wanted if result.images_per_class.get(c, 0)))
+                      scored, sum(accounting[SKIPPED].values()), seconds, sum(1 for n in per_class.values() if n))
     if not ranks.is_main:
         return summary
     if ranks.world > 1:
@@ -435,7 +435,6 @@ def finish(run: Run, result: WriteResult, label_stats: LabelStats, relabeler: Re
                        run.staging / "samples.tsv")
     shutil.rmtree(run.stream_spool, ignore_errors=True)
     write_contact_sheet(run.staging / "contact-sheet.png", result.thumbnails)
-    per_class = {c: result.images_per_class.get(c, 0) for c in sorted(run.wanted)}
     # a class with no samples is normal when the classes are an observer's 1,000 outputs and the data has a few
     empty = [run.class_names[c] for c, n in per_class.items() if n == 0]
     short = {run.class_names[c]: n for c, n in per_class.items() if 0 < n < cfg.ipc}

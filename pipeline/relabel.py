@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .geometry import apply_view, cell_boxes, decode_distilled, draw_view
+from .geometry import View, apply_view, cell_boxes, decode_distilled, draw_view
 from .labels import (LABELS_FORMAT, encode_records, image_tail, kl_divergence, pack_labels, region_dtype, unpack_logits,
                      view_dtype)
 from .rundir import label_shard_name
@@ -46,11 +46,13 @@ class Relabeler:
         self.region_dtype = region_dtype(self.num_classes, self.topk, tail_rank=tail_rank)
         self.temperatures = temperatures
 
-    def view_records(self, key: str) -> np.ndarray:
-        """The image's V view records, geometry filled in, labels not."""
+    def drawn_views(self, key: str) -> list[View]:
+        return [draw_view(self.seed, key, v, self.resolution, self.factor) for v in range(self.views)]
+
+    def view_records(self, key: str, drawn: Sequence[View] | None = None) -> np.ndarray:
+        """The image's V view records (of `drawn`, its views if already drawn), geometry filled in, labels not."""
         views = np.zeros(self.views, self.view_dtype)
-        for v in range(self.views):
-            view = draw_view(self.seed, key, v, self.resolution, self.factor)
+        for v, view in enumerate(drawn if drawn is not None else self.drawn_views(key)):
             views[v]["view"], views[v]["col_perm"], views[v]["row_perm"] = v, view.col_perm, view.row_perm
             views[v]["crop"], views[v]["flip"] = view.crop, view.flip
         return views
@@ -64,10 +66,10 @@ class Relabeler:
         """`exact` for several images, their views (and regions) sharing observer calls: with few views per
         image, one image per call would fill most of each fixed-shape `score_batch` with padding. Rows are
         scored independently, so the result is the same as one image at a time."""
-        views = [self.view_records(key) for key, _ in images]
+        drawn = [self.drawn_views(key) for key, _ in images]
+        views = [self.view_records(key, d) for (key, _), d in zip(images, drawn)]
         decoded = [decode_distilled(encoded) for _, encoded in images]
-        batch = [apply_view(image, draw_view(self.seed, key, v, self.resolution, self.factor), self.resolution)
-                 for (key, _), image in zip(images, decoded) for v in range(self.views)]
+        batch = [apply_view(image, view, self.resolution) for image, d in zip(decoded, drawn) for view in d]
         view_lp = self.scorer.log_probs(torch.stack(batch).permute(0, 2, 3, 1)).numpy() if batch else \
             np.zeros((0, self.num_classes), np.float32)
         cells = cell_boxes(self.resolution, self.factor)

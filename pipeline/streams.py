@@ -153,12 +153,6 @@ def open_shard(source: Shard | Path | str):
     return open(source, "rb")
 
 
-def drain(stream) -> None:
-    """Read a stream to its end, so that its verdict (exit status, Content-Length) is checked."""
-    while stream.read(CHUNK):
-        pass
-
-
 class MemberFetcher:
     """The scoring pass's reads: `(shard index, offset, size) -> bytes`, asked in (shard, offset) order.
 

@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw
 
 from .models import SmallCNN
 from .normalization import IMAGENET
+from .source import parse_label
 from .tario import Sample, walk_samples, write_bytes_atomic, write_tar
 
 __all__ = ["SHAPES", "BAD_KINDS", "SmallCNN", "imagenet_class_counts", "make_image", "remap_labels",
@@ -238,8 +239,9 @@ def write_imagenet_shaped(out_dir: Path, *, samples: int = IMAGENET_TRAIN_SAMPLE
 
 def remap_labels(src: Path, dst: Path, mapping: Mapping[int, int]) -> None:
     """A copy of shard `src` at `dst` with every `.cls` label in `mapping` replaced (e.g. data-set indices
-    written as ImageNet indices); all else unchanged but extensions, which come out lower-cased. Labels not in `mapping` and
-    members that are not labels are copied as they are."""
+    written as ImageNet indices; a label is read as the job reads it); all else unchanged but extensions,
+    which come out lower-cased. Labels not in `mapping` and members that are not labels are copied as they
+    are."""
     with open(src, "rb") as f:
         samples = []
         for item in walk_samples(f):
@@ -248,10 +250,8 @@ def remap_labels(src: Path, dst: Path, mapping: Mapping[int, int]) -> None:
             members = {}
             for m in item.members:
                 data = m.data
-                if m.ext == "cls":
-                    label = data.strip()
-                    if label.lstrip(b"-").isdigit() and int(label) in mapping:
-                        data = str(mapping[int(label)]).encode()
+                if m.ext == "cls" and (label := parse_label(data)) in mapping:
+                    data = str(mapping[label]).encode()
                 members[m.ext] = data
             samples.append((item.key, members))
     write_tar(Path(dst), samples)

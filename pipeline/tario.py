@@ -172,17 +172,16 @@ def walk_samples(fileobj: BinaryIO, read: Callable[[str], bool] = lambda ext: Tr
                 data = tar.extractfile(info).read() if read(ext) else None
                 members.append(Member(ext, info.offset_data, info.size, data))
             else:
-                if file_size is not None:
+                try:
                     if _has_trailing_data(fileobj, tar.offset):
                         broken_at = f"(after {key})"
-                else:
-                    try:
-                        if _has_trailing_data(fileobj, tar.offset):
-                            broken_at = f"(after {key})"
+                    if file_size is None:  # a stream: read to its end, where the source gives its verdict
                         while fileobj.read(1 << 20):
                             pass
-                    except OSError:  # every sample came through; the source still failed
-                        broken_at = f"(after {key})"
+                except OSError:
+                    if file_size is not None:
+                        raise
+                    broken_at = f"(after {key})"  # every sample came through; the source still failed
     except (tarfile.TarError, OSError, EOFError):
         broken_at = key or "(start)"
     if broken_at is not None:
