@@ -12,13 +12,20 @@ case "$MODE" in
   all | --deps-only | --no-deps) ;;
   *) echo "usage: $0 [--deps-only | --no-deps]" >&2; exit 2 ;;
 esac
+# The dependencies unpack to about 6 GB (torch's CUDA libraries, DALI); pip's wheel cache would hold
+# another copy of them, so it is off. Say so up front when the disk cannot take them.
+NEEDED_MB=7000
+free_mb="$(df -Pm . | awk 'NR==2 {print $4}')"
+if [ "$MODE" != "--no-deps" ] && [ ! -x .venv/bin/python ] && [ "${free_mb:-0}" -lt "$NEEDED_MB" ]; then
+  echo "setup.sh: warning: ${free_mb} MB free here; the dependencies need about ${NEEDED_MB} MB" >&2
+fi
 PYTHON="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 # pip's "Location ... is ignored" lines are noise from local mirrors; real errors still stop the script.
 pip_install() {
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@" 2>&1 \
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-cache-dir "$@" 2>&1 \
     | grep -v "^WARNING: Location" || true
 }
 case "$MODE" in
