@@ -10,7 +10,7 @@ and output shards are split across ranks. One process is the same code with a wo
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -57,7 +57,8 @@ class Ranks:
         dist.all_gather_object(out, obj)
         return out
 
-    def merge_top(self, local: dict[Hashable, list[T]], k: int, order: Callable[[T], Any]) -> dict[Hashable, list[T]]:
+    def merge_top(self, local: dict[Hashable, Sequence[T]], k: int,
+                  order: Callable[[T], Any]) -> dict[Hashable, list[T]]:
         """Every rank's per-class top-k merged exactly, on every rank: the top-k of a union is the top-k
         of the parts' top-ks, so the result is the single-process one. Classes in sorted order."""
         heaps: dict[Hashable, TopK[T]] = {}

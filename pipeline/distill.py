@@ -16,7 +16,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,10 +29,11 @@ from .config import JobConfig, ObserverConfig
 from .crops import Cutter
 from .dist import Ranks, from_environment, shutdown
 from .errors import JobError
-from .heap import PerClassTopK
+from .heap import PerClassTopK, Rows
 from .keyed import centre_square, crop_window
 from .observer import Observer, build_observer, check_observer
-from .records import ClassInfo, SampleRef, ScoredPatch, Shard, Skipped, best_first, draw_order
+from .records import (ClassInfo, PatchRows, SampleRef, SampleRows, ScoredPatch, Shard, Skipped, best_first,
+                      draw_order)
 from .refine import Refiner, Spool
 from .relabel import LabelStats, Relabeler, labels_summary, write_label_shard
 from .report import (DISTILLED, EXCLUDED, NOT_DRAWN, SCORED, SKIPPED, Ledger, Timings, concat_ledgers,
@@ -183,6 +184,7 @@ def _distill(run: Run) -> Summary:
         window, order = ((crop_window, best_first) if cfg.method == "rded"  # the baseline: whole images, ranked
                          else (centre_square, lambda p: draw_order(cfg.seed, p)))  # in draw order (random slices)
         local_winners, scored = decode_crop_score(run, drawn, scorer, window, order)
+        del drawn
         winners = run.ranks.merge_top(local_winners, cfg.patches_per_image * cfg.ipc, order)
         plan = plan_images(winners, cfg.tiers, cfg.patches_per_image)
         used = {(p.shard, p.key) for image in plan for _, p in image.patches}
@@ -213,7 +215,7 @@ def set_classes(run: Run, observer: Observer) -> None:
         raise JobError(f"data.class_subset: no such classes {unknown[:5]} (the data set has {num_classes})")
 
 
-def source_and_select(run: Run) -> tuple[list[SampleRef], dict[int, int]]:
+def source_and_select(run: Run) -> tuple[Rows[SampleRef], dict[int, int]]:
     """One header walk per shard this rank owns, and the per-class bottom-k draw, merged across ranks.
 
     Returns this rank's drawn samples in reading order (shard name, offset): sequential within a shard,
@@ -252,7 +254,7 @@ def source_and_select(run: Run) -> tuple[list[SampleRef], dict[int, int]]:
     local, dropped = draw.finish()
     for r in dropped:
         run.record(r, NOT_DRAWN)
-    drawn = ranks.merge_top(local, cfg.subset, draw.order)
+    drawn = local if ranks.world == 1 else ranks.merge_top(local, cfg.subset, draw.order)
     if not drawn:  # e.g. every URL failed: say why now rather than publish an empty run
         acc = merge_accounting(ranks.gather(run.ledger.summary()))
         why = [f"{n} {reason}" for reason, n in acc[SKIPPED].items()] + \
@@ -261,31 +263,44 @@ def source_and_select(run: Run) -> tuple[list[SampleRef], dict[int, int]]:
         raise JobError(f"data.train: no usable sample in {len(run.shards)} shards ({acc['input_samples']} read"
                        + (f"; {', '.join(why)}" if why else "") + ")"
                        + (f"; broke off at {', '.join(examples)}" if examples else ""))
-    drawn_ids = {(r.shard, r.key) for refs in drawn.values() for r in refs}
-    mine = []
-    for r in (r for refs in local.values() for r in refs):
-        if (r.shard, r.key) in drawn_ids:
-            mine.append(r)
-        else:
-            run.record(r, NOT_DRAWN)
-    mine.sort(key=lambda r: (run.shards[r.shard].name, r.offset))
+    if ranks.world == 1:
+        parts = list(local.values())
+    else:  # keep what the merge kept of this rank's draw
+        drawn_ids = {(r.shard, r.key) for refs in drawn.values() for r in refs}
+        mine = []
+        for r in (r for refs in local.values() for r in refs):
+            if (r.shard, r.key) in drawn_ids:
+                mine.append(r)
+            else:
+                run.record(r, NOT_DRAWN)
+        parts = [Rows.of(SampleRows, mine, draw.order)]
     seen_all = sum(ranks.gather(seen))
     run.timings.add("source_select", time.perf_counter() - t0, seen_all)
     if ranks.is_main:
         log(f"{len(run.shards)} shards, {seen_all} samples indexed; {sum(len(v) for v in drawn.values())} drawn "
             f"({cfg.subset} per class at most, {len(drawn)} classes)"
             + (f"; {ranks.world} ranks" if ranks.world > 1 else ""))
-    return mine, {c: len(v) for c, v in drawn.items()}
+    return in_reading_order(run.shards, parts), {c: len(v) for c, v in drawn.items()}
 
 
-def decode_crop_score(run: Run, drawn: list[SampleRef], scorer: Scorer, window: Callable,
-                      order: Callable) -> tuple[dict[Any, list[ScoredPatch]], int]:
+def in_reading_order(shards: list[Shard], parts: list[Rows[SampleRef]]) -> Rows[SampleRef]:
+    """Drawn samples by (shard name, offset): sequential within a shard, and the same whatever order the
+    job lists its shards in."""
+    rows = parts[0].concat(*parts[1:]).array
+    by_name = sorted(range(len(shards)), key=lambda i: shards[i].name)
+    name_rank = np.empty(len(shards), np.int64)
+    name_rank[by_name] = np.arange(len(shards))
+    return Rows(SampleRows, rows[np.lexsort((rows["offset"], name_rank[rows["shard"]]))])
+
+
+def decode_crop_score(run: Run, drawn: Rows[SampleRef], scorer: Scorer, window: Callable,
+                      order: Callable) -> tuple[dict[Any, Sequence[ScoredPatch]], int]:
     """Decode + crop K candidates per drawn image, score them, keep each image's best, and keep each
-    class's best N x IPC in a top-k. Returns (this rank's per-class top-k, images scored by all ranks).
-    Consumes `drawn` (its entries become None as they are scored)."""
+    class's best N x IPC in a top-k. Returns (this rank's per-class top-k, images scored by all ranks)."""
     cfg, runtime = run.job.distill, run.job.runtime
+    # numpy rows, like the draw: at ImageNet scale the ranking holds up to 300,000 scored patches
     ranking: PerClassTopK[ScoredPatch] = PerClassTopK(cfg.patches_per_image * cfg.ipc, order=order,
-                                                      class_of=lambda p: p.label)
+                                                      class_of=lambda p: p.label, codec=PatchRows)
     cutter = run.cutter(cfg.crops)
     bar = run.progress(len(drawn), "scoring")
     scored = 0
@@ -294,7 +309,6 @@ def decode_crop_score(run: Run, drawn: list[SampleRef], scorer: Scorer, window: 
     try:
         for start in range(0, len(drawn), runtime.batch_size):
             batch = drawn[start:start + runtime.batch_size]
-            drawn[start:start + len(batch)] = [None] * len(batch)  # consumed: memory follows the top-k, not the draw
             scored += _score_batch(run, batch, fetch, cutter, scorer, window, ranking)
             bar.update(len(batch))
     finally:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 
-from .heap import PerClassTopK
-from .records import SampleRef, draw_order
+from .heap import PerClassTopK, Rows
+from .records import SampleRef, SampleRows, draw_order
 
 
 class SubsetDraw:
@@ -18,10 +18,10 @@ class SubsetDraw:
 
     def __init__(self, seed: int, subset: int):
         self.seed, self.subset = seed, subset
-        # a quarter of k as slack: at ImageNet scale every class overflows its buffer, and the buffers are the
-        # index pass's largest live set (a 2k buffer would hold twice the drawn set)
+        # the kept samples are the index pass's largest live set (300,000 at ImageNet scale): numpy rows, ~50 B
+        # each, so memory hardly depends on how many are drawn
         self._topk: PerClassTopK[SampleRef] = PerClassTopK(subset, order=self.order, class_of=lambda r: r.label,
-                                                           slack=max(16, subset // 4))
+                                                           slack=32, codec=SampleRows)
 
     def order(self, ref: SampleRef) -> tuple[int, str]:
         return draw_order(self.seed, ref)
@@ -30,6 +30,6 @@ class SubsetDraw:
         """Add a sample; returns samples that are now certainly not drawn."""
         return self._topk.push(ref)
 
-    def finish(self) -> tuple[dict[Hashable, list[SampleRef]], list[SampleRef]]:
+    def finish(self) -> tuple[dict[Hashable, Rows[SampleRef]], list[SampleRef]]:
         """(drawn samples per class, in draw order; the last samples not drawn)."""
         return self._topk.finish()

@@ -7,9 +7,9 @@ import random
 import numpy as np
 import pytest
 
-from rded.heap import PerClassTopK, TopK
+from rded.heap import PerClassTopK, Rows, RowTopK, TopK
 from rded.keyed import keyed_uniform
-from rded.records import SampleRef, ScoredPatch, best_first, draw_order
+from rded.records import PatchRows, SampleRef, ScoredPatch, best_first, draw_order
 from rded.select import SubsetDraw
 
 # chi-square critical value, 19 degrees of freedom, p = 0.001
@@ -141,6 +141,47 @@ def test_per_class_topk_and_exact_merge_of_parts():
         for v in kept.values():
             merged.push_all(v)
     assert merged.finish()[0] == expected
+
+
+@pytest.mark.parametrize("slack", [1, 5, 32, 500])
+@pytest.mark.parametrize("n,k", [(0, 1), (1, 1), (40, 100), (300, 7), (1000, 64)])
+def test_row_topk_keeps_what_the_object_topk_keeps(n, k, slack):
+    """Rows sort as the objects do: ties on the score broken by key, non-ASCII and undecodable (surrogate-
+    escaped) tar names, offsets past 2**32; items come back equal."""
+    rng = random.Random(n * 7 + k + slack)
+    names = ["k{}", "é{}", "\udc80{}", "日本{}", "K{}"]
+    items = [ScoredPatch(round(rng.uniform(-3, 0), 1), rng.choice(names).format(rng.randrange(50)) + f"-{i}",
+                         0, i % 5, 2**40 + 1000 * i, 10 + i, i % 5, (i, 2, 300, 400), (640 + i, 480))
+             for i in range(n)]
+    objects, rows = TopK(k, best_first), RowTopK(k, best_first, PatchRows, slack)
+    dropped_objects, dropped_rows = [], []
+    for item in items:
+        dropped_objects += objects.push(item)
+        dropped_rows += rows.push(item)
+    kept_objects, last_objects = objects.finish()
+    kept_rows, last_rows = rows.finish()
+    assert isinstance(kept_rows, Rows) and list(kept_rows) == kept_objects == sorted(items, key=best_first)[:k]
+    assert sorted(dropped_rows + last_rows, key=best_first) == sorted(dropped_objects + last_objects, key=best_first)
+    assert kept_rows[1:3] == kept_objects[1:3]
+
+
+def test_subset_draw_as_rows_equals_brute_force():
+    samples = [SampleRef(f"s{i:05d}", i % 3, i % 4, 2**33 + i, i) for i in range(2000)]
+    for seed in range(3):
+        chosen, not_drawn = draw(seed, samples, 50)
+        for c in range(3):
+            mine = [r for r in samples if r.label == c]
+            assert chosen[c] == {r.key for r in sorted(mine, key=lambda r: draw_order(seed, r))[:50]}
+        assert len(not_drawn) == 2000 - 150
+    kept, _ = SubsetDraw(0, 5).finish()
+    assert kept == {}
+
+
+def test_rows_of_different_orders_do_not_mix():
+    by_score = Rows.of(PatchRows, [patch(-1.0, "a", 0)], best_first)
+    by_draw = Rows.of(PatchRows, [patch(-1.0, "b", 0)], lambda p: draw_order(0, p))
+    with pytest.raises(ValueError, match="different number types"):
+        by_score.concat(by_draw)
 
 
 def test_keyed_uniform_is_pure_and_spread():
