@@ -129,12 +129,12 @@ def shifted(lp: np.ndarray) -> np.ndarray:
 
 
 def codec_v1(k: int):
-    from rded.labels import encode_records, pack_labels, region_dtype, unpack_logits
+    from rded.labels import encode_records, pack_labels, region_dtype, unpack_logits, view_dtype
 
     def run(views: np.ndarray, view_lp: np.ndarray, region_lp: np.ndarray):
         c = view_lp.shape[1]
-        v1 = np.zeros(len(views), np.dtype([(n, views.dtype.fields[n][0]) for n in GEOMETRY] +
-                                           [("index", "<u2", (k,)), ("logit", "<f2", (k,)), ("rest", "<f2")]))
+        v1 = np.zeros(len(views), view_dtype(views.dtype["col_perm"].shape[0], c, k, version=1))
+        v1["view"] = np.arange(len(views))
         for n in GEOMETRY:
             v1[n] = views[n]
         pack_labels(v1, view_lp)
@@ -146,18 +146,18 @@ def codec_v1(k: int):
     return run
 
 
-GEOMETRY = ("view", "col_perm", "row_perm", "crop", "flip")
+GEOMETRY = ("col_perm", "row_perm", "crop", "flip")
 
 
 def codec_v2(k: int, rank: int = 1, *, fit: bool = True, tail_from: str = "all"):
     """The product's v2 (defaults), or a variant: coefficients not fitted (the mean shape as it is), or
     the tail from the views alone."""
-    from rded.labels import encode_records, image_tail, pack_labels, region_dtype, unpack_logits, view_dtype
+    from rded.labels import encode_image_labels, image_tail, pack_labels, region_dtype, unpack_logits, view_dtype
 
     def run(views: np.ndarray, view_lp: np.ndarray, region_lp: np.ndarray):
         c = view_lp.shape[1]
         tail = image_tail(view_lp, region_lp, rank=rank) if tail_from == "all" else image_tail(view_lp, rank=rank)
-        vrec = np.zeros(len(views), view_dtype(views.dtype["col_perm"].shape[0], c, k, tail_rank=rank))
+        vrec = np.zeros(len(views), view_dtype(views.dtype["col_perm"].shape[0], c, k, tail_rank=rank, resolution=224))
         for n in GEOMETRY:
             vrec[n] = views[n]
         regions = np.zeros(len(region_lp), region_dtype(c, k, tail_rank=rank))
@@ -167,7 +167,7 @@ def codec_v2(k: int, rank: int = 1, *, fit: bool = True, tail_from: str = "all")
             if not fit:
                 rec["coef"] = np.eye(1, rank + 1)
         stored = np.concatenate([unpack_logits(vrec, c, tail), unpack_logits(regions, c, tail)])
-        return stored, tar_bytes(encode_records(vrec), encode_records(regions, tail))
+        return stored, tar_bytes(encode_image_labels(vrec, regions, tail))
     return run
 
 

@@ -185,12 +185,9 @@ def _distill(run: Run) -> Summary:
                          else (centre_square, lambda p: draw_order(cfg.seed, p)))  # in draw order (random slices)
         local_winners, scored = decode_crop_score(run, drawn, scorer, window, order)
         del drawn
-        winners = run.ranks.merge_top(local_winners, cfg.patches_per_image * cfg.ipc, order)
+        winners = merged_winners(run, local_winners, order)
         plan = plan_images(winners, cfg.tiers, cfg.patches_per_image)
-        used = {(p.shard, p.key) for image in plan for _, p in image.patches}
-        for c in sorted(local_winners):
-            for w in local_winners[c]:
-                run.record(w, DISTILLED if (w.shard, w.key) in used else SCORED)
+        record_winners(run, plan, winners, local_winners)
         spool = refine_images(run, plan, refiner) if refiner is not None else None
         relabeler = None
         if run.job.relabel.enabled:
@@ -342,6 +339,31 @@ def _score_batch(run: Run, batch: list[SampleRef], fetch: MemberFetcher, cutter:
     # only a patch still in the top-k can become a winner: spool its bytes (streamed shards)
     fetch.keep((p.shard, p.offset) for p in best if (p.shard, p.offset) not in dropped)
     return len(best)
+
+
+def merged_winners(run: Run, local: dict[Any, Rows[ScoredPatch]], order: Callable) -> dict[Any, Rows[ScoredPatch]]:
+    """Every rank's winners merged (one rank: its own), kept as numpy rows: at ImageNet scale 200,000 patches."""
+    if run.ranks.world == 1:
+        return local
+    merged = run.ranks.merge_top(local, run.job.distill.patches_per_image * run.job.distill.ipc, order)
+    return {c: Rows.of(PatchRows, patches, order) for c, patches in merged.items()}
+
+
+def record_winners(run: Run, plan: list[PlannedImage], winners: dict[Any, Sequence[ScoredPatch]],
+                   local: dict[Any, Sequence[ScoredPatch]]) -> None:
+    """This rank's winners in the ledger: distilled when an image uses them, else scored."""
+    used_ranks: dict[Any, set[int]] = {c: set() for c in winners}
+    for image in plan:
+        used_ranks[image.label].update(image.ranks)
+    if local is winners:  # one rank: a winner's rank says it
+        for c in sorted(local):
+            for r, w in enumerate(local[c]):
+                run.record(w, DISTILLED if r in used_ranks[c] else SCORED)
+        return
+    used = {(p.shard, p.key) for c, ranks in used_ranks.items() for r, p in enumerate(winners[c]) if r in ranks}
+    for c in sorted(local):
+        for w in local[c]:
+            run.record(w, DISTILLED if (w.shard, w.key) in used else SCORED)
 
 
 def describe_observer(spec: ObserverConfig) -> str:

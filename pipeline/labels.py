@@ -26,6 +26,7 @@ import numpy as np
 import zstandard
 
 LABELS_FORMAT = "rded-soft-labels/2"
+LABELS_MEMBER = "labels.npy.zst"  # version 2: one member per image (version 1: views.npy.zst, regions.npy.zst)
 LABELS_FORMAT_V1 = "rded-soft-labels/1"
 ZSTD_LEVEL = 19
 GAP_STEP = 1 / 16  # nats per unit of a v2 `gap`
@@ -44,9 +45,14 @@ def label_fields(num_classes: int, topk: int, version: int = 2, tail_rank: int =
     return [("index", "<u2", (k,)), ("gap", "u1", (k,)), ("rest", "<f2"), ("coef", "<f2", (1 + tail_rank,))]
 
 
-def view_dtype(factor: int, num_classes: int, topk: int, version: int = 2, tail_rank: int = 0) -> np.dtype:
-    return np.dtype([("view", "<u2"), ("col_perm", "u1", (factor,)), ("row_perm", "u1", (factor,)),
-                     ("crop", "<u2", (4,)), ("flip", "u1")] + label_fields(num_classes, topk, version, tail_rank))
+def view_dtype(factor: int, num_classes: int, topk: int, version: int = 2, tail_rank: int = 0,
+               resolution: int | None = None) -> np.dtype:
+    """A view record. Version 2 drops version 1's `view` (a view's index is its position) and stores `crop`
+    as u1 when the image side (`resolution`) fits in a byte."""
+    crop = "u1" if version == 2 and resolution is not None and resolution <= 255 else "<u2"
+    return np.dtype(([("view", "<u2")] if version == 1 else [])
+                    + [("col_perm", "u1", (factor,)), ("row_perm", "u1", (factor,)), ("crop", crop, (4,)),
+                       ("flip", "u1")] + label_fields(num_classes, topk, version, tail_rank))
 
 
 def region_dtype(num_classes: int, topk: int, version: int = 2, tail_rank: int = 0) -> np.dtype:
@@ -175,6 +181,51 @@ def decode_arrays(data: bytes) -> list[np.ndarray]:
     while f.tell() < len(raw):
         out.append(np.load(f, allow_pickle=False))
     return out
+
+
+def _column(name: str, values: np.ndarray) -> np.ndarray:
+    column = np.empty(len(values), [(name, values.dtype, values.shape[1:])])
+    column[name] = values
+    return column
+
+
+def encode_image_labels(views: np.ndarray, regions: np.ndarray, tail: np.ndarray | None = None) -> bytes:
+    """An image's labels as one member (version 2): every field a column of its own, a one-field structured
+    array named `views.<field>` or `regions.<field>`, then with partial labels `tail` (R rows of f2[C]); the
+    .npy files back to back in one zstandard frame. Columns compress better than records (a column's values
+    are alike), and one member instead of two saves a tar header and its padding."""
+    columns = [_column(f"{group}.{name}", records[name])
+               for group, records in (("views", views), ("regions", regions)) for name in records.dtype.names]
+    if tail is not None:
+        columns.append(_column("tail", tail))
+    return encode_records(*columns)
+
+
+def decode_image_labels(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(view records, region records, tail or None) from a version-2 member; ValueError when malformed."""
+    groups: dict[str, list[tuple[str, np.ndarray]]] = {"views": [], "regions": []}
+    tail = None
+    for column in decode_arrays(data):
+        names = column.dtype.names or ()
+        if len(names) != 1 or column.ndim != 1:
+            raise ValueError(f"expected one-field columns, found an array of dtype {column.dtype}")
+        group, _, field = names[0].partition(".")
+        if names[0] == "tail":
+            tail = column["tail"]
+        elif group in groups and field:
+            groups[group].append((field, column[names[0]]))
+        else:
+            raise ValueError(f"unknown column {names[0]!r}")
+    records = []
+    for group, fields in groups.items():
+        lengths = {len(values) for _, values in fields}
+        if len(lengths) != 1:
+            raise ValueError(f"{group}: " + ("no columns" if not fields else f"columns of lengths {sorted(lengths)}"))
+        rec = np.empty(lengths.pop(), [(field, values.dtype, values.shape[1:]) for field, values in fields])
+        for field, values in fields:
+            rec[field] = values
+        records.append(rec)
+    return records[0], records[1], tail
 
 
 def decode_records(data: bytes) -> np.ndarray:

@@ -23,7 +23,8 @@ from torch.utils.data import Dataset
 
 from .errors import RunError
 from .geometry import View, apply_view, decode_distilled
-from .labels import LABELS_FORMAT, LABELS_FORMAT_V1, decode_arrays, decode_records, needs_tail, softmax, unpack_logits
+from .labels import (LABELS_FORMAT, LABELS_FORMAT_V1, LABELS_MEMBER, decode_image_labels, decode_records, needs_tail,
+                     softmax, unpack_logits)
 from .normalization import IMAGENET
 from .rundir import read_manifest, read_verified
 
@@ -73,17 +74,27 @@ class DistilledDataset(Dataset):
                 self.keys.append(key)
                 self.images.append(members[manifest.image_format])
                 self.targets.append(int(members["cls"]))
-                views = decode_records(labels[key]["views.npy.zst"])
-                tail = None
-                if needs_tail(views):  # v2 partial labels: the tail follows the region records
-                    regions = decode_arrays(labels[key]["regions.npy.zst"])
-                    rank = views.dtype["coef"].shape[0] if views.dtype["coef"].shape else 1
-                    if len(regions) != 2 or regions[1].shape != (rank, self.num_classes):
-                        raise RunError(f"{run_dir}: {shard.labels['name']}: {key}.regions.npy.zst holds no tail "
-                                       f"basis of {rank} x {self.num_classes}")
-                    tail = regions[1]
+                views, tail = self._read_labels(run_dir, shard.labels["name"], key, labels.get(key, {}))
                 self.views.append(views)
                 self.tails.append(tail)
+
+    def _read_labels(self, run_dir: Path, shard: str, key: str,
+                     members: dict[str, bytes]) -> tuple[np.ndarray, np.ndarray | None]:
+        """An image's view records and, for v2 partial labels, its tail basis."""
+        if LABELS_MEMBER in members:  # version 2: one member
+            try:
+                views, _, tail = decode_image_labels(members[LABELS_MEMBER])
+            except ValueError as e:
+                raise RunError(f"{run_dir}: {shard}: {key}.{LABELS_MEMBER}: {e}") from None
+        elif "views.npy.zst" in members:  # version 1: views, then regions
+            views, tail = decode_records(members["views.npy.zst"]), None
+        else:
+            raise RunError(f"{run_dir}: {shard}: no labels for {key}")
+        if needs_tail(views):
+            rank = views.dtype["coef"].shape[0] if views.dtype["coef"].shape else 1
+            if tail is None or tail.shape != (rank, self.num_classes):
+                raise RunError(f"{run_dir}: {shard}: {key} holds no tail basis of {rank} x {self.num_classes}")
+        return views, tail
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from .geometry import View, apply_view, cell_boxes, decode_distilled, draw_view
-from .labels import (LABELS_FORMAT, encode_records, image_tail, kl_divergence, pack_labels, region_dtype, unpack_logits,
-                     view_dtype)
+from .labels import (LABELS_FORMAT, LABELS_MEMBER, encode_image_labels, image_tail, kl_divergence, pack_labels,
+                     region_dtype, unpack_logits, view_dtype)
 from .rundir import label_shard_name
 from .score import Scorer
 from .tario import write_tar
@@ -42,7 +42,7 @@ class Relabeler:
         # classes stored per label: all of them (exact labels) up to max(topk, exact_classes) classes
         self.topk = self.num_classes if self.num_classes <= max(topk, exact_classes) else topk
         self.tail_rank = tail_rank
-        self.view_dtype = view_dtype(factor, self.num_classes, self.topk, tail_rank=tail_rank)
+        self.view_dtype = view_dtype(factor, self.num_classes, self.topk, tail_rank=tail_rank, resolution=resolution)
         self.region_dtype = region_dtype(self.num_classes, self.topk, tail_rank=tail_rank)
         self.temperatures = temperatures
 
@@ -53,7 +53,7 @@ class Relabeler:
         """The image's V view records (of `drawn`, its views if already drawn), geometry filled in, labels not."""
         views = np.zeros(self.views, self.view_dtype)
         for v, view in enumerate(drawn if drawn is not None else self.drawn_views(key)):
-            views[v]["view"], views[v]["col_perm"], views[v]["row_perm"] = v, view.col_perm, view.row_perm
+            views[v]["col_perm"], views[v]["row_perm"] = view.col_perm, view.row_perm
             views[v]["crop"], views[v]["flip"] = view.crop, view.flip
         return views
 
@@ -142,10 +142,7 @@ def write_label_shard(out_dir: Path, shard_no: int, samples: Sequence[tuple[str,
         for (key, _), (views, view_lp, region_lp) in zip(part, exact):
             labels = relabeler.pack(views, view_lp, region_lp)
             stats.add(labels)
-            # v2 partial labels: the image's tail rides in the regions member, after the region records
-            regions = (labels.regions,) if labels.tail is None else (labels.regions, labels.tail)
-            records.append((key, {"views.npy.zst": encode_records(labels.views),
-                                  "regions.npy.zst": encode_records(*regions)}))
+            records.append((key, {LABELS_MEMBER: encode_image_labels(labels.views, labels.regions, labels.tail)}))
             on_image(1)
     path = out_dir / label_shard_name(shard_no)
     sha = write_tar(path, records)

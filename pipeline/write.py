@@ -30,11 +30,17 @@ class PlannedImage:
     label: int
     image_index: int
     tier: int
-    patches: tuple[tuple[int, ScoredPatch], ...]  # (rank, patch) per cell, row-major
+    ranks: tuple[int, ...]  # the class's winner of each cell, row-major
+    winners: Sequence[ScoredPatch]  # the class's winners, best first (numpy rows at scale: patches are read on use)
 
     @property
     def key(self) -> str:
         return f"{self.label:05d}_{self.image_index:04d}"
+
+    @property
+    def patches(self) -> tuple[tuple[int, ScoredPatch], ...]:
+        """(rank, patch) per cell, row-major."""
+        return tuple((r, self.winners[r]) for r in self.ranks)
 
 
 def contact_sheet_rows(plan: Sequence[PlannedImage], rows: int) -> frozenset[int]:
@@ -43,7 +49,7 @@ def contact_sheet_rows(plan: Sequence[PlannedImage], rows: int) -> frozenset[int
     return frozenset(sorted({image.label for image in plan})[:rows])
 
 
-def plan_images(winners: dict[int, list[ScoredPatch]], tiers: Sequence[int], cells: int) -> list[PlannedImage]:
+def plan_images(winners: dict[int, Sequence[ScoredPatch]], tiers: Sequence[int], cells: int) -> list[PlannedImage]:
     """All distilled images in output order: tier by tier, class by class, image by image."""
     per_class = {c: tier_layout(tiers, cells, len(w)) for c, w in winners.items()}
     plan: list[PlannedImage] = []
@@ -52,7 +58,7 @@ def plan_images(winners: dict[int, list[ScoredPatch]], tiers: Sequence[int], cel
         for c in sorted(winners):
             for j in range(prev, min(t, len(per_class[c]))):
                 ranks = per_class[c][j]
-                plan.append(PlannedImage(c, j, t, tuple((r, winners[c][r]) for r in ranks)))
+                plan.append(PlannedImage(c, j, t, tuple(ranks), winners[c]))
         prev = t
     return plan
 

@@ -15,8 +15,9 @@ import torch
 from conftest import NUM_CLASSES
 from rded.cli import main
 from rded.config import load_job
-from rded.labels import (LABELS_FORMAT, LABELS_FORMAT_V1, decode_arrays, decode_records, encode_records, image_tail,
-                         kl_divergence, pack_labels, region_dtype, softmax, unpack_logits, view_dtype)
+from rded.labels import (LABELS_FORMAT, LABELS_FORMAT_V1, LABELS_MEMBER, decode_arrays, decode_image_labels,
+                         decode_records, encode_image_labels, encode_records, image_tail, kl_divergence, pack_labels,
+                         region_dtype, softmax, unpack_logits, view_dtype)
 from rded.geometry import apply_view, decode_distilled, draw_view, shuffle_grid
 from rded.loader import DistilledDataset, stored_view
 
@@ -109,6 +110,20 @@ def test_codec_v2_round_trip_is_the_documented_reconstruction(rank):
     assert np.array_equal(decode_records(encode_records(rec)), rec)
     back = decode_arrays(encode_records(rec, tail))
     assert len(back) == 2 and np.array_equal(back[0], rec) and np.array_equal(back[1], tail)
+    # an image's member: columns back to the same records, tail included
+    regions = np.zeros(4, region_dtype(c, k, tail_rank=1))
+    regions["cell"] = np.arange(4)
+    pack_labels(regions, views[:4], tail)
+    got_views, got_regions, got_tail = decode_image_labels(encode_image_labels(rec, regions, tail))
+    assert got_views.dtype == rec.dtype and np.array_equal(got_views, rec)
+    assert got_regions.dtype == regions.dtype and np.array_equal(got_regions, regions)
+    assert np.array_equal(got_tail, tail)
+    assert decode_image_labels(encode_image_labels(rec, regions))[2] is None
+    with pytest.raises(ValueError, match="one-field columns"):
+        decode_image_labels(encode_records(rec))
+    views_only = [a for a in decode_arrays(encode_image_labels(rec, regions)) if a.dtype.names[0].startswith("views.")]
+    with pytest.raises(ValueError, match="regions: no columns"):
+        decode_image_labels(encode_records(*views_only))
 
 
 def test_views_are_pure_and_shuffle_is_a_permutation():
@@ -140,7 +155,6 @@ def test_loader_image_is_the_recorded_view_and_label_is_the_observer(baseline_ru
         for i in range(len(ds)):
             image, target = ds[i]
             record = ds.view_record(i)
-            assert record["view"] == epoch % 3
             expected_view = draw_view(0, ds.keys[i], epoch % 3, 32, 2)
             assert stored_view(record) == expected_view
             expected = apply_view(decode_distilled(ds.images[i]), expected_view, 32)
@@ -186,13 +200,16 @@ assert "rded" not in sys.modules
 path = sys.argv[1]
 with tarfile.open(path) as tar:
     for m in tar:
-        arr = np.load(io.BytesIO(zstandard.ZstdDecompressor().decompress(tar.extractfile(m).read())),
-                      allow_pickle=False)
-        if m.name.endswith(".views.npy.zst"):
-            assert set(arr.dtype.names) >= {"view", "col_perm", "row_perm", "crop", "flip", "logit"}
-            logits = arr["logit"].astype(np.float64)
-            p = np.exp(logits - logits.max(1, keepdims=True)); p /= p.sum(1, keepdims=True)
-            print(m.name, arr.shape[0], p.shape[1], round(float(p.sum(1).mean()), 6))
+        raw = zstandard.ZstdDecompressor().decompress(tar.extractfile(m).read())
+        f, columns = io.BytesIO(raw), {}
+        while f.tell() < len(raw):  # one-field columns: views.<field>, regions.<field>
+            a = np.load(f, allow_pickle=False)
+            columns[a.dtype.names[0]] = a[a.dtype.names[0]]
+        assert m.name.endswith(".labels.npy.zst")
+        assert set(columns) >= {"views." + n for n in ("col_perm", "row_perm", "crop", "flip", "logit")}
+        logits = columns["views.logit"].astype(np.float64)
+        p = np.exp(logits - logits.max(1, keepdims=True)); p /= p.sum(1, keepdims=True)
+        print(m.name, logits.shape[0], p.shape[1], round(float(p.sum(1).mean()), 6))
     assert "rded" not in sys.modules
 '''
 
@@ -283,9 +300,9 @@ def test_v2_run_fidelity_in_manifest_matches_a_recomputation(topk_run):
     count = 0
     for i, key in enumerate(ds.keys):
         view_lp, region_lp = exact[key]
-        views = decode_records(members[f"{key}.views.npy.zst"])
-        regions, tail = decode_arrays(members[f"{key}.regions.npy.zst"])  # v2: the tail follows the regions
+        views, regions, tail = decode_image_labels(members[f"{key}.{LABELS_MEMBER}"])
         assert set(views.dtype.names) >= {"index", "gap", "rest", "coef"} and tail.dtype == np.float16
+        assert views.dtype["crop"].base == np.uint8  # S <= 255
         assert np.array_equal(tail, image_tail(view_lp, region_lp, rank=1))
         stored = np.concatenate([unpack_logits(views, NUM_CLASSES, tail), unpack_logits(regions, NUM_CLASSES, tail)])
         both = np.concatenate([view_lp, region_lp])
@@ -313,11 +330,11 @@ def test_loader_reads_a_v1_run(topk_run, tmp_path):
         samples = read_samples(path.read_bytes(), path.name)
         out = []
         for key, members in samples.items():
-            v2 = decode_records(members["views.npy.zst"])
+            v2, regions, tail = decode_image_labels(members[LABELS_MEMBER])
             v1 = np.zeros(len(v2), view_dtype(2, NUM_CLASSES, 2, version=1))
-            for f in ("view", "col_perm", "row_perm", "crop", "flip"):
+            v1["view"] = np.arange(len(v2))
+            for f in ("col_perm", "row_perm", "crop", "flip"):
                 v1[f] = v2[f]
-            regions, tail = decode_arrays(members["regions.npy.zst"])
             pack_labels(v1, unpack_logits(v2, NUM_CLASSES, tail))
             expected[key] = unpack_logits(v1, NUM_CLASSES)
             r1 = np.zeros(len(regions), region_dtype(NUM_CLASSES, 2, version=1))
