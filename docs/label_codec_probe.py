@@ -14,7 +14,8 @@ regions, `pad` scoring at S = 224) labels it with EfficientNet-Lite0 and all 1,0
 (identity class map). The exact log-probabilities are
 cached in /tmp, so codec variants compare in seconds on a rerun.
 
-Label bytes are what an image's label members take in a label shard (tar header and padding included);
+Label bytes are what an image's label member(s) take in a label shard (v2: one member; v1: two; tar
+headers and padding included);
 the ratio is against the JPEG as a tar member (the manifest's `bytes_ratio` divides by whole distilled
 shards, whose samples also hold `.cls` and `.json`, so it comes out lower).
 """

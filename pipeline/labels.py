@@ -16,6 +16,9 @@ With C <= `topk` classes every label is exact (`logit` f2[C]), in both versions.
   `rest + shape[j] - log(sum over the other classes i of exp(shape[i]))`, i.e. the image's tail shapes
   combined per label, carrying exactly the remaining mass. The encoder fits `coef` by least squares
   (with an intercept) of the label's own log-probabilities over the other classes on the basis.
+
+Version 2 stores an image's view records, region records and tail as one member, column by column
+(`encode_image_labels`); version 1 stored two members of records (views; regions).
 """
 
 from __future__ import annotations
