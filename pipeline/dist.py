@@ -58,9 +58,12 @@ class Ranks:
         return out
 
     def merge_top(self, local: dict[Hashable, Sequence[T]], k: int,
-                  order: Callable[[T], Any]) -> dict[Hashable, list[T]]:
+                  order: Callable[[T], Any]) -> dict[Hashable, Sequence[T]]:
         """Every rank's per-class top-k merged exactly, on every rank: the top-k of a union is the top-k
-        of the parts' top-ks, so the result is the single-process one. Classes in sorted order."""
+        of the parts' top-ks, so the result is the single-process one. Classes in sorted order. With one
+        rank that is `local` itself, not copied (it may be numpy rows: copying would rebuild every item)."""
+        if self.world == 1:
+            return {c: local[c] for c in sorted(local)}
         heaps: dict[Hashable, TopK[T]] = {}
         for part in self.gather(local):
             for c, items in part.items():

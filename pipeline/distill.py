@@ -251,7 +251,7 @@ def source_and_select(run: Run) -> tuple[Rows[SampleRef], dict[int, int]]:
     local, dropped = draw.finish()
     for r in dropped:
         run.record(r, NOT_DRAWN)
-    drawn = local if ranks.world == 1 else ranks.merge_top(local, cfg.subset, draw.order)
+    drawn = ranks.merge_top(local, cfg.subset, draw.order)
     if not drawn:  # e.g. every URL failed: say why now rather than publish an empty run
         acc = merge_accounting(ranks.gather(run.ledger.summary()))
         why = [f"{n} {reason}" for reason, n in acc[SKIPPED].items()] + \
@@ -342,10 +342,10 @@ def _score_batch(run: Run, batch: list[SampleRef], fetch: MemberFetcher, cutter:
 
 
 def merged_winners(run: Run, local: dict[Any, Rows[ScoredPatch]], order: Callable) -> dict[Any, Rows[ScoredPatch]]:
-    """Every rank's winners merged (one rank: its own), kept as numpy rows: at ImageNet scale 200,000 patches."""
-    if run.ranks.world == 1:
-        return local
+    """Every rank's winners merged, kept as numpy rows: at ImageNet scale 200,000 patches."""
     merged = run.ranks.merge_top(local, run.job.distill.patches_per_image * run.job.distill.ipc, order)
+    if run.ranks.world == 1:  # this rank's own rows
+        return merged
     return {c: Rows.of(PatchRows, patches, order) for c, patches in merged.items()}
 
 
@@ -355,7 +355,7 @@ def record_winners(run: Run, plan: list[PlannedImage], winners: dict[Any, Sequen
     used_ranks: dict[Any, set[int]] = {c: set() for c in winners}
     for image in plan:
         used_ranks[image.label].update(image.ranks)
-    if local is winners:  # one rank: a winner's rank says it
+    if run.ranks.world == 1:  # the winners are this rank's: a winner's rank says it
         for c in sorted(local):
             for r, w in enumerate(local[c]):
                 run.record(w, DISTILLED if r in used_ranks[c] else SCORED)
@@ -437,9 +437,8 @@ def write_and_relabel(run: Run, plan: list[PlannedImage], relabeler: Relabeler |
     for shard_no, chunk in enumerate(output_shards(plan, out.shard_size)):
         if not run.ranks.owns_output(shard_no):
             continue
-        samples = stitch(chunk, run.shards, run.class_names, settings, cutter, result,
-                         on_image=bar.update if relabeler is None else lambda n: None, refined=refined,
-                         read=run.read_winner)
+        samples = stitch(chunk, run.shards, run.class_names, settings, cutter, result, run.read_winner,
+                         on_image=bar.update if relabeler is None else lambda n: None, refined=refined)
         record = write_image_shard(run.staging, shard_no, chunk[0].tier, samples)
         if relabeler is not None:
             t0 = time.perf_counter()

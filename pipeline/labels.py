@@ -133,16 +133,14 @@ def unpack_logits(records: np.ndarray, num_classes: int, tail: np.ndarray | None
     if "index" not in records.dtype.names:
         return records["logit"].astype(np.float32)
     index = records["index"].astype(np.int64)
-    if needs_tail(records):
-        top = -np.cumsum(records["gap"].astype(np.float64), axis=1) * GAP_STEP
-    else:
-        top = records["logit"].astype(np.float64)
     rest = records["rest"].astype(np.float64)[:, None]
-    if not needs_tail(records):
+    if not needs_tail(records):  # v1: the top classes as stored, the rest spread evenly
+        top = records["logit"].astype(np.float64)
         out = np.repeat(rest, num_classes, axis=1)
-    else:
+    else:  # v2: the top classes from their gaps, the rest shaped by the image's tail
         if tail is None:
             raise ValueError("rded-soft-labels/2 records with topk < classes decode against their image's tail")
+        top = -np.cumsum(records["gap"].astype(np.float64), axis=1) * GAP_STEP
         shaped = records["coef"].astype(np.float64) @ tail.astype(np.float64).reshape(-1, num_classes)
         others = shaped.copy()
         np.put_along_axis(others, index, -np.inf, axis=1)

@@ -20,7 +20,7 @@ from .crops import Cutter, CutRequest
 from .geometry import cell_boxes, tier_layout
 from .records import ScoredPatch, Shard
 from .rundir import ShardRecord, image_shard_name
-from .tario import read_member, write_bytes_atomic, write_tar
+from .tario import write_bytes_atomic, write_tar
 
 Sample = tuple[str, dict[str, bytes]]  # (key, {extension: bytes}) as it goes into a shard
 
@@ -126,22 +126,21 @@ def provenance(image: PlannedImage, boxes: Sequence[tuple[int, int, int, int]], 
 
 
 def cut_canvases(chunk: Sequence[PlannedImage], shards: Sequence[Shard], resolution: int, factor: int,
-                 cutter: Cutter, read: Callable[[ScoredPatch], bytes] | None = None) -> list[np.ndarray]:
+                 cutter: Cutter, read: Callable[[ScoredPatch], bytes]) -> list[np.ndarray]:
     """The stitched images (uint8 S x S x 3) of `chunk`: each cell re-cut from its source image at the cell's
-    own size. `read` gives a patch's source image bytes (default: from its local shard file)."""
-    read = read or (lambda p: read_member(shards[p.shard].path, p.offset, p.size))
+    own size. `read` gives a patch's source image bytes."""
     boxes = cell_boxes(resolution, factor)
+    patches = [image.patches for image in chunk]  # rebuilt from numpy rows on each access: once here
     requests = []
-    for image in chunk:
-        for (rank, p), (x0, y0, x1, y1) in zip(image.patches, boxes):
+    for cells in patches:
+        for (rank, p), (x0, y0, x1, y1) in zip(cells, boxes):
             encoded = read(p)
             requests.append(CutRequest(encoded, [p.window], [(x1 - x0, y1 - y0)], p.image_size[0] * p.image_size[1]))
     cut = cutter.cut(requests)
     canvases = []
-    for i, image in enumerate(chunk):
+    for i, cells in enumerate(patches):
         canvas = np.zeros((resolution, resolution, 3), np.uint8)
-        cells = cut[i * len(boxes):(i + 1) * len(boxes)]
-        for ((rank, p), (x0, y0, x1, y1), patch) in zip(image.patches, boxes, cells):
+        for ((rank, p), (x0, y0, x1, y1), patch) in zip(cells, boxes, cut[i * len(boxes):(i + 1) * len(boxes)]):
             if patch is None:  # decoded when scored, so only a changed file gets here
                 raise RuntimeError(f"source image {p.key} in {shards[p.shard].name} no longer decodes")
             canvas[y0:y1, x0:x1] = patch[0]
@@ -155,10 +154,11 @@ RefinedSource = Callable[[PlannedImage], "tuple[np.ndarray, dict[str, Any]]"]
 
 def stitch(chunk: list[PlannedImage], shards: Sequence[Shard], class_names: dict[int, str],
            settings: WriteSettings, cutter: Cutter, result: WriteResult,
-           on_image: Callable[[int], None] = lambda n: None, refined: RefinedSource | None = None,
-           read: Callable[[ScoredPatch], bytes] | None = None) -> list[Sample]:
-    """The distilled images of one output shard (stitched, or their refined form from `refined`), encoded,
-    with class and provenance. Counts and contact-sheet thumbnails go to `result`."""
+           read: Callable[[ScoredPatch], bytes], on_image: Callable[[int], None] = lambda n: None,
+           refined: RefinedSource | None = None) -> list[Sample]:
+    """The distilled images of one output shard (stitched from source bytes that `read` gives, or their
+    refined form from `refined`), encoded, with class and provenance. Counts and contact-sheet thumbnails
+    go to `result`."""
     boxes = cell_boxes(settings.resolution, settings.factor)
     if refined is None:
         made = [(canvas, None) for canvas in cut_canvases(chunk, shards, settings.resolution, settings.factor,
