@@ -5,6 +5,9 @@
   torchvision RandomResizedCrop K times per image, per-class batches through the observer with the patch
   padded to S (always: their `pad`), sort, stitch, JPEG. It runs in its own process without our allocator setting (runtime.py), as theirs would;
 - ceiling: the observer alone on random patches of the same shape, in batches of the same size.
+
+The job and the ceiling run once per precision asked (`--precision`, default fp32 and auto), the reference
+once, in fp32 as the authors' code runs.
 """
 
 from __future__ import annotations
@@ -26,17 +29,17 @@ from .errors import OptionError
 from .observer import build_observer
 from .records import SampleRef
 from .report import escape_field, peak_rss_mib
-from .runtime import resolve_devices
+from .runtime import ComputePolicy, resolve_devices, resolve_precision
 from .score import Scorer
 from .source import expand_shards, load_classes, scan_shard
 from .tario import read_member
 
 
 def observer_ceiling(job: JobConfig, patches: int = 1024) -> dict[str, float]:
-    """Patches/s of the observer alone, on random uint8 patches shaped as the job's."""
+    """Patches/s of the observer alone, on random uint8 patches shaped as the job's, under the job's policy."""
     device, _ = resolve_devices(job.runtime.device, job.runtime.decoder)
     cfg = job.distill
-    observer = build_observer(job, load_classes(job), device)
+    observer = build_observer(job, load_classes(job), ComputePolicy.resolve(device, job.runtime.precision))
     scorer = Scorer(observer, mode=cfg.score_mode, resolution=cfg.resolution, score_batch=job.runtime.score_batch,
                     decimals=cfg.score_decimals)
     x = torch.randint(0, 256, (patches, cfg.patch_size, cfg.patch_size, 3), dtype=torch.uint8)
@@ -58,7 +61,8 @@ def reference_style(job: JobConfig, drawn_keys: dict[int, list[tuple[str, int, i
     device, _ = resolve_devices(job.runtime.device, job.runtime.decoder)
     cfg = job.distill
     shards = expand_shards(job)
-    observer = build_observer(job, load_classes(job), device)
+    # the authors' code runs the observer eager, fp32, in the default layout
+    observer = build_observer(job, load_classes(job), ComputePolicy(device, "fp32", channels_last=False))
     crop = transforms.RandomResizedCrop(cfg.patch_size, scale=(0.08, 1.0), ratio=(1.0, 1.0), antialias=True)
     to_tensor = transforms.PILToTensor()
     times = {"decode_crop": 0.0, "score": 0.0, "select_stitch": 0.0}
@@ -103,27 +107,43 @@ def reference_style(job: JobConfig, drawn_keys: dict[int, list[tuple[str, int, i
             "stages": {k: {"seconds": round(v, 3)} for k, v in times.items()}, "peak_rss_mib": peak_rss_mib()}
 
 
-def run_bench(cfg: BenchConfig) -> dict[str, Any]:
-    job, out_dir = load_job(cfg.job, cfg.overrides), cfg.out
-    if cfg.reference and any(s.url for s in expand_shards(job)):
-        raise OptionError("no_reference", "needed for http(s):// or pipe: shards: the reference-style "
-                                          "baseline reads local shards only (it seeks)")
-    summary = run_distill(job, out_dir / "ours", overwrite=True)
-    report = json.loads((out_dir / "ours" / "report.json").read_text())
+def bench_precisions(job: JobConfig, requested: list[str]) -> list[str]:
+    """The precisions to compare, `auto` resolved on this machine, each once, in the order asked."""
+    device, _ = resolve_devices(job.runtime.device, job.runtime.decoder)
+    return list(dict.fromkeys(resolve_precision(p, device) for p in requested))
+
+
+def bench_ours(job: JobConfig, out_dir: Path) -> dict[str, Any]:
+    """The job itself, end to end, from its report."""
+    summary = run_distill(job, out_dir, overwrite=True)
+    report = json.loads((out_dir / "report.json").read_text())
     stages = report["stages"]
     relabel_s = stages.get("relabel", {}).get("seconds", 0.0)
     distill_s = report["seconds"] - relabel_s
     ours = {"images": summary.scored_images, "seconds": round(report["seconds"], 3),
             "distill_seconds": round(distill_s, 3), "images_per_s": round(summary.scored_images / distill_s, 2),
-            "stages": stages, "peak_rss_mib": report["peak_rss_mib"]}
+            "stages": stages, "peak_rss_mib": report["peak_rss_mib"], "compute": report["compute"]}
     if torch.cuda.is_available():
         ours["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    ceiling = observer_ceiling(job)
-    result: dict[str, Any] = {"job": str(cfg.job), "overrides": cfg.overrides, "ours": ours,
-                              "ceiling": {k: round(v, 2) for k, v in ceiling.items()}}
-    if cfg.reference:
+    return ours
+
+
+def run_bench(cfg: BenchConfig) -> dict[str, Any]:
+    job, out_dir = load_job(cfg.job, cfg.overrides), cfg.out
+    if cfg.reference and any(s.url for s in expand_shards(job)):
+        raise OptionError("no_reference", "needed for http(s):// or pipe: shards: the reference-style "
+                                          "baseline reads local shards only (it seeks)")
+    precisions = bench_precisions(job, cfg.precisions)
+    result: dict[str, Any] = {"job": str(cfg.job), "overrides": cfg.overrides, "precisions": precisions, "runs": {}}
+    for precision in precisions:
+        pjob = load_job(cfg.job, [*cfg.overrides, f"runtime.precision={precision}"])
+        ours = bench_ours(pjob, out_dir / f"ours-{precision}")
+        ceiling = observer_ceiling(pjob)
+        result["runs"][precision] = {"ours": ours, "ceiling": {k: round(v, 2) for k, v in ceiling.items()},
+                                     "fraction_of_ceiling": round(ours["images_per_s"] / ceiling["images_per_s"], 3)}
+    if cfg.reference:  # on the images the first precision's run drew (every precision draws the same)
         drawn: dict[int, list] = {}
-        for line in (out_dir / "ours" / "samples.tsv").read_text().splitlines()[1:]:
+        for line in (out_dir / f"ours-{precisions[0]}" / "samples.tsv").read_text().splitlines()[1:]:
             key, shard, status = line.split("\t")[:3]
             if status in ("distilled", "scored"):
                 drawn.setdefault(shard, set()).add(key)
@@ -135,34 +155,37 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         if proc.returncode != 0:
             raise RuntimeError(f"reference-style baseline failed:\n{proc.stderr[-2000:]}")
         result["reference"] = json.loads(proc.stdout.strip().splitlines()[-1])
-        result["speedup_vs_reference"] = round(ours["images_per_s"] / result["reference"]["images_per_s"], 2)
-    result["fraction_of_ceiling"] = round(ours["images_per_s"] / ceiling["images_per_s"], 3)
+        for run in result["runs"].values():
+            run["speedup_vs_reference"] = round(run["ours"]["images_per_s"] / result["reference"]["images_per_s"], 2)
     (out_dir / "bench.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     print(table(result))
     return result
 
 
 def table(result: dict[str, Any]) -> str:
-    ours, ceiling = result["ours"], result["ceiling"]
     rows = [("stage", "seconds", "rate")]
-    for name, s in ours["stages"].items():
-        unit = next((k for k in s if k.endswith("_per_s")), None)
-        rate = f"{s[unit]:.1f} {unit.replace('_per_s', '/s')}" if unit and s[unit] else ""
-        rows.append((f"ours: {name}", f"{s['seconds']:.2f}", rate))
-    rows.append(("ours: distillation end to end", f"{ours['distill_seconds']:.1f}", f"{ours['images_per_s']:.1f} images/s"))
+    extra = []
+    for precision, run in result["runs"].items():
+        ours, ceiling = run["ours"], run["ceiling"]
+        for name, s in ours["stages"].items():
+            unit = next((k for k in s if k.endswith("_per_s")), None)
+            rate = f"{s[unit]:.1f} {unit.replace('_per_s', '/s')}" if unit and s[unit] else ""
+            rows.append((f"ours {precision}: {name}", f"{s['seconds']:.2f}", rate))
+        rows.append((f"ours {precision}: distillation end to end", f"{ours['distill_seconds']:.1f}",
+                     f"{ours['images_per_s']:.1f} images/s"))
+        rows.append((f"ceiling {precision}: observer only", f"{ceiling['seconds']:.1f}",
+                     f"{ceiling['images_per_s']:.1f} images/s ({ceiling['patches_per_s']:.1f} patches/s)"))
+        extra.append(f"{precision}: peak RSS {ours['peak_rss_mib']:.0f} MiB, ours / ceiling "
+                     f"{run['fraction_of_ceiling']:.2f}"
+                     + (f", ours / reference {run['speedup_vs_reference']:.2f}x" if "speedup_vs_reference" in run else ""))
     if "reference" in result:
         ref = result["reference"]
         for name, s in ref["stages"].items():
-            rows.append((f"reference: {name}", f"{s['seconds']:.2f}", ""))
-        rows.append(("reference: end to end", f"{ref['seconds']:.1f}", f"{ref['images_per_s']:.1f} images/s"))
-    rows.append(("ceiling: observer only", f"{ceiling['seconds']:.1f}", f"{ceiling['images_per_s']:.1f} images/s "
-                 f"({ceiling['patches_per_s']:.1f} patches/s)"))
+            rows.append((f"reference (fp32): {name}", f"{s['seconds']:.2f}", ""))
+        rows.append(("reference (fp32): end to end", f"{ref['seconds']:.1f}", f"{ref['images_per_s']:.1f} images/s"))
     width = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, width)) for r in rows]
-    extra = [f"peak RSS {ours['peak_rss_mib']:.0f} MiB", f"ours / ceiling {result['fraction_of_ceiling']:.2f}"]
-    if "speedup_vs_reference" in result:
-        extra.append(f"ours / reference {result['speedup_vs_reference']:.2f}x")
-    return "\n".join(lines + ["; ".join(extra)])
+    return "\n".join(lines + extra)
 
 
 def _reference_main(arg: str, out: str) -> None:

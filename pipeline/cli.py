@@ -45,7 +45,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     labels = "online" if args.teacher_online else "hard" if args.hard_labels else "stored"
     fields = ("distilled", "val", "student", "epochs", "resolution", "batch_size", "lr", "temperature", "schedule",
-              "teacher_job", "seed", "workers", "out")
+              "teacher_job", "seed", "workers", "device", "precision", "out")
     values = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
     run_eval(command_config(EvalConfig, {**values, "labels": labels, "progress": not args.quiet}))
     return 0
@@ -55,7 +55,7 @@ def cmd_train_observer(args: argparse.Namespace) -> int:
     from .evaluate import run_train_observer
 
     fields = ("train", "num_classes", "arch", "epochs", "resolution", "batch_size", "lr", "val", "seed", "workers",
-              "out")
+              "device", "precision", "out")
     values = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
     run_train_observer(command_config(TrainObserverConfig, {**values, "progress": not args.quiet}))
     return 0
@@ -64,8 +64,10 @@ def cmd_train_observer(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
-    run_bench(command_config(BenchConfig, {"job": args.job, "overrides": args.set, "out": args.out,
-                                           "reference": not args.no_reference}))
+    values = {"job": args.job, "overrides": args.set, "out": args.out, "reference": not args.no_reference}
+    if args.precision:
+        values["precisions"] = args.precision
+    run_bench(command_config(BenchConfig, values))
     return 0
 
 
@@ -112,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--job", dest="teacher_job", default=None, help="the job file whose observer --teacher-online runs")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--workers", type=int, default=None, help="data loader workers (default 2)")
+    _compute_flags(p)
     p.add_argument("--out", default=None, help="also write the result JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval, command_parser=p)
@@ -127,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", action="append", default=None, help="validation shards to report accuracy on")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--workers", type=int, default=None)
+    _compute_flags(p)
     p.add_argument("--out", required=True, help="where the state dict goes")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train_observer, command_parser=p)
@@ -136,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="working directory for the runs and bench.json")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--no-reference", action="store_true", help="skip the reference-style baseline")
+    p.add_argument("--precision", action="append", choices=["auto", "fp32", "bf16"], default=None,
+                   help="run the job and the ceiling in this precision (repeatable; default: fp32 and auto)")
     p.set_defaults(func=cmd_bench, command_parser=p)
 
     p = sub.add_parser("demo", help="the whole job on built-in synthetic data (no data or network needed)")
@@ -144,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="observer training steps (default: %(default)s, about a minute on 2 cores)")
     p.set_defaults(func=cmd_demo, command_parser=p)
     return parser
+
+
+def _compute_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="default auto: CUDA when present")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
+                   help="of every model call (as the job key runtime.precision); default auto: bf16 where the "
+                        "hardware has native bf16, else fp32")
 
 
 def _flag(command: argparse.ArgumentParser, option: str) -> str:

@@ -97,9 +97,15 @@ class RefineConfig(_Section):
     jitter: int = Field(32, ge=0, description="largest random roll per step, px")
     observers: list[ObserverConfig] = Field([], description="observers used in turn, one per iteration, in the "
                                                             "form of [observer]; empty: the job's observer")
-    amp: bool = Field(True, description="bfloat16 autocast on the GPU (ignored on the CPU)")
     micro_batch: int = Field(256, ge=1, description="images per forward pass; a larger batch is split and its BN "
                                                    "statistics accumulated exactly; part of the numerics")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replaced_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "amp" in data:
+            raise ValueError("refine.amp was replaced by runtime.precision (one policy for every model call)")
+        return data
 
     @field_validator("resolutions")
     @classmethod
@@ -136,6 +142,9 @@ class RelabelConfig(_Section):
 class RuntimeConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     decoder: Literal["auto", "cpu", "mixed"] = Field("auto", description="DALI decoder; auto: mixed on CUDA")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="every model call: bf16 autocast or fp32, channels-last; auto: bf16 where the "
+                            "hardware has native bf16 (CUDA, x86 with AVX-512 BF16 or AMX), else fp32")
     batch_size: int = Field(64, ge=1, description="images per decode batch (does not change results)")
     dali_threads: int = Field(2, ge=1, description="DALI CPU threads (does not change results)")
     score_batch: int = Field(32, ge=1, description="patches per observer call; part of the numerics")
@@ -272,6 +281,8 @@ class EvalConfig(_Command):
     teacher_job: Path | None = Field(None, description="the job file whose observer labels online")
     seed: int = Field(0, ge=0)
     workers: int = Field(2, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     out: Path | None = Field(None, description="also write the result JSON here")
     progress: bool = True
 
@@ -287,6 +298,8 @@ class TrainObserverConfig(_Command):
     val: list[str] | None = None
     seed: int = Field(0, ge=0)
     workers: int = Field(2, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     out: Path
     progress: bool = True
 
@@ -296,6 +309,9 @@ class BenchConfig(_Command):
     overrides: list[str] = []
     out: Path = Field(description="working directory for the runs and bench.json")
     reference: bool = Field(True, description="also run the reference-style baseline")
+    precisions: list[Literal["auto", "fp32", "bf16"]] = Field(
+        ["fp32", "auto"], min_length=1, description="the job and the ceiling run once in each (duplicates "
+                                                     "after resolving auto run once)")
 
 
 class DemoConfig(_Command):

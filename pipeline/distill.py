@@ -40,7 +40,7 @@ from .report import (DISTILLED, EXCLUDED, NOT_DRAWN, SCORED, SKIPPED, Ledger, Ti
                      merge_accounting, peak_rss_mib, progress_bar)
 from .rundir import (MANIFEST_FORMAT, STAGING, ClassRecord, Manifest, check_output, discard_staging, make_staging,
                      publish, write_json)
-from .runtime import resolve_devices
+from .runtime import ComputePolicy, resolve_devices
 from .score import Scorer, cut_candidates, key_patches
 from .select import SubsetDraw
 from .source import (FirstOccurrence, canonical_order, expand_shards, load_classes, scan_shard,
@@ -101,7 +101,7 @@ class Run:
     out_dir: Path
     shards: list[Shard]
     classes: list[ClassInfo] | None
-    device: torch.device
+    compute: ComputePolicy  # device, precision and layout of every model call
     decoder: str
     ranks: Ranks
     started: float
@@ -110,6 +110,10 @@ class Run:
     wanted: set[int] = field(default_factory=set)
     ledger: Ledger | None = None
     _winners: SpooledMembers | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.compute.device
 
     @property
     def staging(self) -> Path:
@@ -157,11 +161,12 @@ def run_distill(job: JobConfig, out_dir: Path, *, overwrite: bool = False) -> Su
     ranks = from_environment(len(shards), use_cuda=device.type == "cuda")
     if device.type == "cuda":
         device = torch.device("cuda", ranks.local_rank)
+    compute = ComputePolicy.resolve(device, job.runtime.precision)
     try:
         if ranks.is_main:
             make_staging(out_dir)
         ranks.barrier()
-        return _distill(Run(job, out_dir, shards, classes, device, decoder, ranks, started))
+        return _distill(Run(job, out_dir, shards, classes, compute, decoder, ranks, started))
     except BaseException:
         discard_staging(out_dir)  # nothing half-made stays behind
         raise
@@ -172,7 +177,7 @@ def run_distill(job: JobConfig, out_dir: Path, *, overwrite: bool = False) -> Su
 def _distill(run: Run) -> Summary:
     cfg = run.job.distill
     with run.timings.stage("observer_load", items=1, unit="models"):
-        observer = build_observer(run.job, run.classes, run.device)
+        observer = build_observer(run.job, run.classes, run.compute)
         refiner = make_refiner(run, observer) if run.job.refine.enabled else None
     set_classes(run, observer)
     ledger_name = "samples.tsv" if run.ranks.world == 1 else f".samples.rank{run.ranks.rank}.tsv"
@@ -380,7 +385,7 @@ def make_refiner(run: Run, observer: Observer) -> Refiner:
     before any data is read."""
     cfg = run.job.refine
     observers = [observer] if not cfg.observers else [
-        build_observer(run.job, run.classes, run.device, spec) for spec in cfg.observers]
+        build_observer(run.job, run.classes, run.compute, spec) for spec in cfg.observers]
     return Refiner(cfg, observers, refine_observer_names(run.job), seed=run.job.distill.seed,
                    resolution=run.job.distill.resolution)
 
@@ -481,7 +486,7 @@ def finish(run: Run, result: WriteResult, label_stats: LabelStats, relabeler: Re
             + ", ".join(empty[:10]) + (", ..." if len(empty) > 10 else ""))
     manifest = Manifest(
         format=MANIFEST_FORMAT, versions=versions(), job=run.job.public_dict(), device=run.device.type,
-        decoder=run.decoder, ipc=cfg.ipc, tiers=cfg.tiers, images=summary.images,
+        decoder=run.decoder, precision=run.compute.precision, ipc=cfg.ipc, tiers=cfg.tiers, images=summary.images,
         classes=[ClassRecord(c, run.class_names[c], drawn_count.get(c, 0), n) for c, n in per_class.items()],
         shards=result.shards)
     refine_report = None
@@ -502,6 +507,7 @@ def finish(run: Run, result: WriteResult, label_stats: LabelStats, relabeler: Re
         "peak_rss_mib": round(peak_rss_mib(), 1),
         "device": run.device.type,
         "decoder": run.decoder,
+        "compute": run.compute.record(),
         "ranks": ranks.world,
         "stages": run.timings.as_dict(),
         "accounting": accounting,

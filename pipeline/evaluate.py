@@ -18,6 +18,7 @@ from .errors import OptionError
 from .loader import DistilledDataset
 from .observer import build_observer, check_observer
 from .rundir import read_manifest, write_json
+from .runtime import ComputePolicy, resolve_devices
 from .source import load_classes, scan_shard
 from .train import (Recipe, TrainShards, ValShards, build_student, default_batch_size, default_lr, evaluate,
                     save_student, train_student)
@@ -36,9 +37,14 @@ def count_samples(urls: list[str]) -> int:
     return sum(1 for i, u in enumerate(urls) for _ in scan_shard(i, Path(u)))
 
 
-def online_teacher(run_dir: Path, job_path: Path | None, manifest_job: dict[str, Any]):
+def compute_policy(device: str, precision: str) -> ComputePolicy:
+    """The device and precision of a command's model calls (`--device`, `--precision`)."""
+    return ComputePolicy.resolve(resolve_devices(device, "auto")[0], precision)
+
+
+def online_teacher(run_dir: Path, job_path: Path | None, manifest_job: dict[str, Any], compute: ComputePolicy):
     """The observer as a function of a uint8 batch, from the teacher's job file or (when the observer
-    needs no files) the run's own job."""
+    needs no files) the run's own job; it runs under the student's policy."""
     if job_path:
         job = load_job(job_path)
     else:
@@ -48,7 +54,7 @@ def online_teacher(run_dir: Path, job_path: Path | None, manifest_job: dict[str,
         job = job_from_dict(manifest_job, base_dir=run_dir)
     classes = load_classes(job)
     check_observer(job, classes)
-    observer = build_observer(job, classes, torch.device("cpu"))
+    observer = build_observer(job, classes, compute)
 
     def teacher(images: torch.Tensor) -> torch.Tensor:
         return observer.class_logits(observer.normalize(images))
@@ -69,11 +75,13 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
                     batch_size=cfg.batch_size or default_batch_size(manifest.ipc, present),
                     lr=cfg.lr or default_lr(cfg.student), temperature=cfg.temperature, schedule=cfg.schedule,
                     labels=cfg.labels, seed=cfg.seed, workers=cfg.workers)
-    teacher = online_teacher(cfg.distilled, cfg.teacher_job, manifest.job) if cfg.labels == "online" else None
+    compute = compute_policy(cfg.device, cfg.precision)
+    teacher = (online_teacher(cfg.distilled, cfg.teacher_job, manifest.job, compute) if cfg.labels == "online"
+               else None)
     started = time.perf_counter()
-    model = train_student(train_set, num_classes, recipe, teacher=teacher, progress=cfg.progress)
+    model = train_student(train_set, num_classes, recipe, compute=compute, teacher=teacher, progress=cfg.progress)
     trained = time.perf_counter() - started
-    accuracy = evaluate(model, ValShards(urls, num_classes, resolution), workers=cfg.workers)
+    accuracy = evaluate(model, ValShards(urls, num_classes, resolution), workers=cfg.workers, compute=compute)
     result = {
         "distilled": str(cfg.distilled),
         "ipc": manifest.ipc,
@@ -81,6 +89,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         "classes": num_classes,
         "labels": cfg.labels,
         "recipe": asdict(recipe),
+        "compute": compute.record(),
         "top1": round(accuracy.top1, 4),
         "top5": round(accuracy.top5, 4),
         "val_samples": accuracy.count,
@@ -92,7 +101,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         write_json(cfg.out, result)
     print(json.dumps(result, sort_keys=True))
     print(f"rded eval: {recipe.student} on {cfg.distilled} (IPC {result['ipc']}, {result['images']} images, "
-          f"{cfg.labels} labels, {recipe.epochs} epochs at {resolution} px): top-1 {100 * accuracy.top1:.1f} %, "
+          f"{cfg.labels} labels, {recipe.epochs} epochs at {resolution} px, {compute.precision}): top-1 {100 * accuracy.top1:.1f} %, "
           f"top-5 {100 * accuracy.top5:.1f} % on {accuracy.count} validation images; "
           f"{result['seconds']:.0f} s", file=sys.stderr)
     return result
@@ -108,14 +117,16 @@ def run_train_observer(cfg: TrainObserverConfig) -> dict[str, Any]:
         raise OptionError("arch", str(e)) from None
     recipe = Recipe(student=cfg.arch, epochs=cfg.epochs, resolution=cfg.resolution, batch_size=cfg.batch_size,
                     lr=cfg.lr or default_lr(cfg.arch), labels="hard", seed=cfg.seed, workers=cfg.workers)
+    compute = compute_policy(cfg.device, cfg.precision)
     started = time.perf_counter()
     model = train_student(TrainShards(urls, cfg.num_classes, cfg.resolution, seed=cfg.seed), cfg.num_classes,
-                          recipe, progress=cfg.progress)
+                          recipe, compute=compute, progress=cfg.progress)
     save_student(model, cfg.out)
     result = {"weights": str(cfg.out), "arch": cfg.arch, "num_outputs": cfg.num_classes, "recipe": asdict(recipe),
-              "train_seconds": round(time.perf_counter() - started, 1)}
+              "compute": compute.record(), "train_seconds": round(time.perf_counter() - started, 1)}
     if val_urls:
-        acc = evaluate(model, ValShards(val_urls, cfg.num_classes, cfg.resolution), workers=cfg.workers)
+        acc = evaluate(model, ValShards(val_urls, cfg.num_classes, cfg.resolution), workers=cfg.workers,
+                       compute=compute)
         result.update(top1=round(acc.top1, 4), top5=round(acc.top5, 4), val_samples=acc.count)
     print(json.dumps(result, sort_keys=True))
     print(f"rded train-observer: wrote {cfg.out}; use it in a job file as\n"

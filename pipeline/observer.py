@@ -19,6 +19,7 @@ from .errors import JobError
 from .models import SmallCNN, torchvision_classifier, torchvision_names
 from .normalization import BY_NAME, IMAGENET, LITE, Normalization
 from .records import ClassInfo
+from .runtime import ComputePolicy
 
 # -- the registry
 
@@ -140,7 +141,11 @@ class Observer:
     model: nn.Module
     normalization: Normalization
     output_index: torch.Tensor  # observer output of each dataset class, shape [C]
-    device: torch.device
+    compute: ComputePolicy  # every call of the model runs under it
+
+    @property
+    def device(self) -> torch.device:
+        return self.compute.device
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 NCHW -> the float input the observer was trained on."""
@@ -148,7 +153,7 @@ class Observer:
 
     def class_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits restricted to the dataset's classes (in dataset class order), float32."""
-        return self.model(x).float().index_select(1, self.output_index)
+        return self.compute(self.model, x).index_select(1, self.output_index)
 
 
 def _weights_path(job: JobConfig, cfg: ObserverConfig) -> Path | None:
@@ -185,19 +190,18 @@ def check_observer(job: JobConfig, classes: list[ClassInfo] | None, cfg: Observe
             raise JobError(f"data.classes: no imagenet_index for {', '.join(missing[:5])}")
 
 
-def build_observer(job: JobConfig, classes: list[ClassInfo] | None, device: torch.device,
+def build_observer(job: JobConfig, classes: list[ClassInfo] | None, compute: ComputePolicy,
                    cfg: ObserverConfig | None = None) -> Observer:
-    """The observer (the job's, or `cfg`) on `device`. Dataset classes are those of classes.json, or else
-    (identity map) the observer's outputs."""
+    """The observer (the job's, or `cfg`) on the policy's device and in its layout. Dataset classes are
+    those of classes.json, or else (identity map) the observer's outputs."""
     cfg = cfg or job.observer
     kind = observer_kind(cfg)
-    model = kind.factory(cfg, _weights_path(job, cfg)).eval().to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    device = compute.device
+    model = compute.prepare(kind.factory(cfg, _weights_path(job, cfg)).eval())
     normalization = kind.normalization if cfg.normalization == "auto" else BY_NAME[cfg.normalization]
     with torch.inference_mode():
         probe = torch.zeros(1, 3, 64, 64, device=device)
-        num_outputs = model(probe).shape[1]
+        num_outputs = compute(model, probe).shape[1]
     if cfg.class_map == "imagenet_index":
         index = [c.imagenet_index for c in classes]
     else:
@@ -205,4 +209,4 @@ def build_observer(job: JobConfig, classes: list[ClassInfo] | None, device: torc
     bad = [i for i in index if not 0 <= i < num_outputs]
     if bad:
         raise JobError(f"observer.class_map: the observer has {num_outputs} outputs; classes need {bad[:5]}")
-    return Observer(model, normalization, torch.tensor(index, dtype=torch.long, device=device), device)
+    return Observer(model, normalization, torch.tensor(index, dtype=torch.long, device=device), compute)

@@ -196,11 +196,6 @@ class Refiner:
     def lr_at(self, iteration: int) -> float:
         return 0.5 * (1 + math.cos(math.pi * iteration / self.cfg.iterations)) * self.cfg.lr
 
-    def _autocast(self):
-        if self.device.type == "cuda" and self.cfg.amp:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def loss_and_grad(self, z: torch.Tensor, labels: torch.Tensor, step: Step, size: int,
                       observer: int) -> tuple[float, float, float]:
         """Accumulates d(loss)/dz into z.grad; returns (loss, ce, bn) of the whole batch."""
@@ -210,8 +205,7 @@ class Refiner:
 
         def forward(a: int, b: int) -> torch.Tensor:
             x = augment(z[a:b], step, size)
-            with self._autocast():
-                return obs.class_logits(obs.normalize(pixels_of(x) * 255.0))
+            return obs.class_logits(obs.normalize(pixels_of(x) * 255.0))  # under the observer's precision policy
 
         if len(parts) == 1:
             for t in terms:

@@ -70,6 +70,7 @@ class Manifest:
     labels: dict[str, Any] | None = None  # soft-label format, size and fidelity; None without relabel
     sliced_from: dict[str, Any] | None = None  # {ipc, tiers} of the run a slice was cut from
     refine: dict[str, Any] | None = None  # settings, observers and per-batch stage records; None unrefined
+    precision: str | None = None  # of every model call (runtime.precision resolved); None: before it was recorded
 
     @property
     def resolution(self) -> int:
@@ -81,7 +82,7 @@ class Manifest:
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        for optional in ("labels", "sliced_from", "refine"):
+        for optional in ("labels", "sliced_from", "refine", "precision"):
             if d[optional] is None:
                 del d[optional]
         return d

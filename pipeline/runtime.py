@@ -1,12 +1,17 @@
-"""Where and how the process runs: devices, the allocator, signals."""
+"""Where and how the process runs: devices, the precision and layout of every model call, the allocator,
+signals."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import signal
 import sys
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from torch import nn
 
 from .errors import JobError
 
@@ -46,3 +51,75 @@ def resolve_devices(device: str, decoder: str) -> tuple[torch.device, str]:
     if decoder == "mixed" and chosen.type != "cuda":
         raise JobError("runtime.decoder = 'mixed' needs CUDA")
     return chosen, decoder
+
+
+Precision = Literal["fp32", "bf16"]
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the hardware computes in bf16 itself rather than emulating it: CUDA devices that support it,
+    x86 CPUs with AVX-512 BF16 or AMX. (oneDNN also runs bf16 on plain AVX-512, emulated and slower.)"""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        cpu = torch.cpu
+        return any(getattr(cpu, check, lambda: False)() for check in ("_is_avx512_bf16_supported",
+                                                                     "_is_amx_tile_supported"))
+    return False
+
+
+def resolve_precision(requested: str, device: torch.device) -> Precision:
+    """`runtime.precision`: "auto" is bf16 where the hardware has native bf16 and fp32 elsewhere."""
+    if requested == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    if requested not in ("fp32", "bf16"):
+        raise JobError(f"runtime.precision: expected auto, fp32 or bf16; got {requested!r}")
+    return requested  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class ComputePolicy:
+    """How every model call runs: the device, bf16 autocast or fp32, and the memory layout.
+
+    Channels-last is on for both precisions: measured on the CPU (oneDNN) it is 1.2-1.4x faster in fp32
+    and needed for the bf16 gain; on CUDA it is what tensor cores want. bf16 runs as torch's autocast:
+    weights stay fp32, convolutions and matmuls run in bf16 with fp32 accumulation, reductions and
+    softmax in fp32, and what leaves a model call is cast back to fp32.
+    """
+
+    device: torch.device
+    precision: Precision = "fp32"
+    channels_last: bool = True
+
+    @classmethod
+    def resolve(cls, device: torch.device | str, precision: str = "auto", channels_last: bool = True) -> ComputePolicy:
+        device = torch.device(device)
+        return cls(device, resolve_precision(precision, device), channels_last)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """The model on the device, in the policy's layout (weights stay fp32)."""
+        model = model.to(self.device)
+        return model.to(memory_format=self.memory_format) if self.channels_last else model
+
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        """An NCHW batch in the policy's layout (a no-op for other shapes)."""
+        return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 and self.channels_last else x
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """One model call under the policy; the output in fp32."""
+        with self.autocast():
+            return model(self.input(x)).float()
+
+    def record(self) -> dict[str, str]:
+        """What ran, for manifests and reports."""
+        return {"device": self.device.type, "precision": self.precision,
+                "memory_format": "channels_last" if self.channels_last else "contiguous"}

@@ -7,7 +7,6 @@ bits of a kernel cannot reorder near-ties (ties are then broken by sample key).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -42,21 +41,15 @@ class Scorer:
 
     def log_probs(self, patches: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Log-probabilities over the dataset's classes, [B, C] float32 on the CPU."""
-        device = self.observer.device
-        x = torch.as_tensor(patches).to(device)
+        x = torch.as_tensor(patches).to(self.observer.device)
         out = []
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                    else contextlib.nullcontext())
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode():
             for start in range(0, x.shape[0], self.score_batch):
                 chunk = x[start:start + self.score_batch]
                 n = chunk.shape[0]
                 if n < self.score_batch:  # keep the numerical batch shape fixed
                     chunk = torch.cat([chunk, chunk.new_zeros((self.score_batch - n, *chunk.shape[1:]))])
-                inp = self.prepare(chunk)
-                if device.type == "cuda":
-                    inp = inp.contiguous(memory_format=torch.channels_last)
-                logits = self.observer.class_logits(inp)[:n]
+                logits = self.observer.class_logits(self.prepare(chunk))[:n]
                 out.append(torch.log_softmax(logits, dim=1).cpu())
         return torch.cat(out) if out else torch.empty(0, len(self.observer.output_index))
 

@@ -25,6 +25,7 @@ from .keyed import keyed_u64, random_resized_crop
 from .models import torchvision_classifier
 from .normalization import IMAGENET
 from .report import progress_bar
+from .runtime import ComputePolicy
 from .tario import write_bytes_atomic
 
 # The authors' learning rates by student family (DESIGN.md §1).
@@ -107,12 +108,14 @@ class EpochLog:
 
 
 def train_student(train_set: Dataset, num_classes: int, recipe: Recipe, *,
+                  compute: ComputePolicy = ComputePolicy(torch.device("cpu")),
                   teacher: Callable[[torch.Tensor], torch.Tensor] | None = None,
                   progress: bool = True, on_epoch: Callable[[EpochLog, nn.Module], None] | None = None) -> nn.Module:
-    """Train a student from scratch. `train_set` yields (uint8 CHW view, label) with label a probability
-    vector at T (stored), or a class index (hard, or online: then `teacher` maps a uint8 batch to logits)."""
+    """Train a student from scratch, every forward pass under `compute` (the loss and the optimiser in fp32).
+    `train_set` yields (uint8 CHW view, label) with label a probability vector at T (stored), or a class
+    index (hard, or online: then `teacher` maps a uint8 batch to logits)."""
     torch.manual_seed(recipe.seed)
-    model = build_student(recipe.student, num_classes)
+    model = compute.prepare(build_student(recipe.student, num_classes))
     opt = torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=(0.9, 0.999))
     bar = progress_bar(recipe.epochs, f"training {recipe.student}", unit="epoch", enabled=progress, log_every_s=30.0)
     for epoch in range(recipe.epochs):
@@ -132,7 +135,8 @@ def train_student(train_set: Dataset, num_classes: int, recipe: Recipe, *,
         total, batches = 0.0, 0
         for images, labels in loader:
             mixed, perm, lam = cutmix(images, generator)
-            logits = model(IMAGENET(mixed))
+            mixed, labels = mixed.to(compute.device), labels.to(compute.device)
+            logits = compute(model, IMAGENET(mixed))
             if recipe.labels == "online":
                 with torch.inference_mode():
                     target = F.softmax(teacher(mixed) / recipe.temperature, dim=1)
@@ -230,8 +234,9 @@ class Accuracy:
     keys_unique: bool
 
 
-def evaluate(model: nn.Module, val: ValShards, *, batch_size: int = 100, workers: int = 0) -> Accuracy:
-    """Top-1 and top-5 over every validation sample, each once (checked by key)."""
+def evaluate(model: nn.Module, val: ValShards, *, batch_size: int = 100, workers: int = 0,
+             compute: ComputePolicy = ComputePolicy(torch.device("cpu"))) -> Accuracy:
+    """Top-1 and top-5 over every validation sample, each once (checked by key), the model run under `compute`."""
     loader = DataLoader(val, batch_size=batch_size, num_workers=min(workers, len(val.urls)))
     correct1 = correct5 = count = 0
     keys: set[str] = set()
@@ -239,7 +244,7 @@ def evaluate(model: nn.Module, val: ValShards, *, batch_size: int = 100, workers
     model.eval()
     with torch.inference_mode():
         for images, labels, batch_keys in loader:
-            logits = model(IMAGENET(images))
+            logits = compute(model, IMAGENET(images.to(compute.device))).cpu()
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
             correct1 += (top[:, 0] == labels).sum().item()
             correct5 += (top == labels[:, None]).any(dim=1).sum().item()
@@ -252,5 +257,6 @@ def evaluate(model: nn.Module, val: ValShards, *, batch_size: int = 100, workers
 
 def save_student(model: nn.Module, path: Path) -> None:
     buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
+    # contiguous fp32 tensors on the CPU: the file loads anywhere, whatever layout training used
+    torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, buf)
     write_bytes_atomic(path, buf.getvalue())

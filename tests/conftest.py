@@ -62,6 +62,14 @@ def toml_value(v) -> str:
     return str(v)
 
 
+@pytest.fixture(scope="session")
+def val_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("val")
+    write_synthetic_shards(out, num_classes=NUM_CLASSES, per_class=7, num_shards=3, seed=5, size_range=(40, 60),
+                           prefix="val")
+    return out
+
+
 @pytest.fixture
 def write_job(tmp_path, data_dir):
     def make(name: str = "job.toml", **sections) -> Path:
@@ -82,6 +90,13 @@ def baseline_run(tmp_path_factory, data_dir) -> Path:
     job.write_text(job_text(data_dir))
     run_distill(load_job(job), tmp / "out")
     return tmp / "out"
+
+
+def compute_of(job):
+    """The precision policy a run of `job` uses on this machine (for brute-force recomputations)."""
+    from rded.runtime import ComputePolicy, resolve_devices
+
+    return ComputePolicy.resolve(resolve_devices(job.runtime.device, job.runtime.decoder)[0], job.runtime.precision)
 
 
 def sample_keys(shard: Path) -> list[str]:

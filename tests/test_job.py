@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import BAD, NUM_CLASSES, PER_CLASS, sample_keys, tar_members
+from conftest import BAD, NUM_CLASSES, PER_CLASS, compute_of, sample_keys, tar_members
 from rded.cli import main
 from rded.config import load_job
 from rded.distill import run_distill
@@ -84,7 +84,7 @@ def all_key_patches(data_dir: Path, job) -> dict[int, list[tuple[float, str]]]:
             if isinstance(rec, SampleRef) and 0 <= rec.label < NUM_CLASSES:
                 draw.offer(rec)
     drawn, _ = draw.finish()
-    observer = build_observer(job, load_classes(job), torch.device("cpu"))
+    observer = build_observer(job, load_classes(job), compute_of(job))
     scorer = Scorer(observer, mode=cfg.score_mode, resolution=cfg.resolution, score_batch=job.runtime.score_batch,
                     decimals=cfg.score_decimals)
     cutter = Cutter(cfg.crops, batch_size=1, num_threads=1, decoder="cpu", device_id=None)

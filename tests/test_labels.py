@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import NUM_CLASSES
+from conftest import NUM_CLASSES, compute_of
 from rded.cli import main
 from rded.config import load_job
 from rded.labels import (LABELS_FORMAT, LABELS_FORMAT_V1, LABELS_MEMBER, decode_arrays, decode_image_labels,
@@ -141,14 +141,13 @@ def test_views_are_pure_and_shuffle_is_a_permutation():
 
 def test_loader_image_is_the_recorded_view_and_label_is_the_observer(baseline_run, write_job):
     from rded.observer import build_observer
-    from rded.runtime import resolve_devices
     from rded.score import Scorer
     from rded.source import load_classes
 
     job = load_job(write_job())
     ds = DistilledDataset(baseline_run, temperature=20.0, normalize=False)
     assert len(ds) == NUM_CLASSES * 2
-    obs = build_observer(job, load_classes(job), resolve_devices(job.runtime.device, job.runtime.decoder)[0])
+    obs = build_observer(job, load_classes(job), compute_of(job))
     scorer = Scorer(obs, mode="pad", resolution=32, score_batch=job.runtime.score_batch, decimals=4)
     for epoch in range(4):  # 3 stored views: epoch 3 wraps to view 0
         ds.set_epoch(epoch)
@@ -273,12 +272,11 @@ def exact_labels(run: Path):
     """Per key: the observer's exact log-probabilities of the stored views and regions, recomputed."""
     from rded.observer import build_observer
     from rded.relabel import Relabeler
-    from rded.runtime import resolve_devices
     from rded.score import Scorer
     from rded.source import load_classes
 
     job = load_job(run.parent / "job.toml")
-    obs = build_observer(job, load_classes(job), resolve_devices(job.runtime.device, job.runtime.decoder)[0])
+    obs = build_observer(job, load_classes(job), compute_of(job))
     scorer = Scorer(obs, mode=job.distill.score_mode, resolution=32, score_batch=job.runtime.score_batch, decimals=4)
     relabeler = Relabeler(scorer, seed=0, views=3, resolution=32, factor=2, topk=job.relabel.topk,
                           tail_rank=job.relabel.tail_rank)

@@ -13,8 +13,11 @@ import torch
 from conftest import SHARED_IMAGEWOOF
 from rded.config import job_from_dict
 from rded.observer import build_observer, check_observer
+from rded.runtime import ComputePolicy
 from rded.score import Scorer
 from rded.source import load_classes
+
+FP32 = ComputePolicy(torch.device("cpu"))  # comparisons against the plain fp32 model
 
 
 def job_for(tmp_path, observer: dict, classes: str | None = None):
@@ -34,7 +37,7 @@ def test_torchvision_observer_loads_weights_and_scores(tmp_path):
     torch.save(model.state_dict(), tmp_path / "r18.pt")
     job = job_for(tmp_path, {"kind": "torchvision", "arch": "resnet18", "weights": "r18.pt", "num_outputs": 5})
     check_observer(job, None)
-    obs = build_observer(job, None, torch.device("cpu"))
+    obs = build_observer(job, None, FP32)
     assert obs.normalization.name == "imagenet" and obs.output_index.tolist() == [0, 1, 2, 3, 4]
     patches = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
     scorer = Scorer(obs, mode="pad", resolution=32, score_batch=4, decimals=4)
@@ -49,9 +52,10 @@ def test_torchvision_observer_loads_weights_and_scores(tmp_path):
     assert np.allclose(scorer.score(patches, np.array([0, 1, 4])), expected[[0, 1, 2], [0, 1, 4]].numpy(), atol=1e-4)
 
 
-def test_scores_do_not_depend_on_the_other_patches_in_the_batch(tmp_path, data_dir):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_scores_do_not_depend_on_the_other_patches_in_the_batch(tmp_path, data_dir, precision):
     job = job_for(tmp_path, {"kind": "torchscript", "weights": str(data_dir / "observer.pt")})
-    obs = build_observer(job, None, torch.device("cpu"))
+    obs = build_observer(job, None, ComputePolicy(torch.device("cpu"), precision))
     scorer = Scorer(obs, mode="native", resolution=32, score_batch=8, decimals=4)
     patches = np.random.default_rng(1).integers(0, 256, (21, 16, 16, 3), dtype=np.uint8)
     labels = np.arange(21) % 3
@@ -66,7 +70,7 @@ def test_wrong_weights_are_a_job_error(tmp_path):
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "bad.pt")
     job = job_for(tmp_path, {"kind": "torchvision", "arch": "resnet18", "weights": "bad.pt"})
     with pytest.raises(JobError, match="does not fit resnet18"):
-        build_observer(job, None, torch.device("cpu"))
+        build_observer(job, None, FP32)
 
 
 @pytest.mark.skipif(not (SHARED_IMAGEWOOF / "val-000000.tar").is_file(), reason="ImageWoof shards not present")
@@ -78,7 +82,7 @@ def test_efficientnet_lite0_classifies_imagewoof_val(tmp_path):
 
     classes = str(SHARED_IMAGEWOOF / "classes.json")
     job = job_for(tmp_path, {"kind": "efficientnet-lite0", "class_map": "imagenet_index"}, classes)
-    obs = build_observer(job, load_classes(job), torch.device("cpu"))
+    obs = build_observer(job, load_classes(job), FP32)
     assert obs.normalization.name == "lite"
     assert obs.output_index.tolist() == [c["imagenet_index"] for c in json.loads(open(classes).read())]
     tf = v2.Compose([v2.Resize(256), v2.CenterCrop(224)])

@@ -17,6 +17,7 @@ from rded.normalization import IMAGENET
 from rded.observer import Observer
 from rded.refine import Refiner, Step, draw_step
 from rded.rundir import read_manifest, slice_run
+from rded.runtime import ComputePolicy
 from rded.synthetic import SmallCNN
 
 REFINE = {"enabled": True, "iterations": 6, "resolutions": [32, 32, 32], "jitter": 4, "lr": 0.1}
@@ -100,7 +101,7 @@ def small_observer(num_classes=3, seed=0):
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
-    return Observer(model, IMAGENET, torch.arange(num_classes), torch.device("cpu"))
+    return Observer(model, IMAGENET, torch.arange(num_classes), ComputePolicy(torch.device("cpu")))
 
 
 def test_micro_batches_give_the_whole_batch_gradient():

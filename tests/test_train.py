@@ -9,7 +9,6 @@ import torch
 
 from conftest import NUM_CLASSES
 from rded.cli import main
-from rded.synthetic import write_synthetic_shards
 from rded.normalization import IMAGENET
 from rded.train import Recipe, ValShards, cutmix, evaluate, lr_factor, train_student
 
@@ -54,14 +53,6 @@ def test_cutmix_keeps_the_stated_share_and_schedules_end_where_they_should():
                 assert abs(kept[i].item() - lam) < 1e-6
     assert lr_factor(0, 10, "cosine") == 1.0 and abs(lr_factor(10, 10, "cosine")) < 1e-12
     assert abs(lr_factor(10, 10, "authors") - 0.5) < 1e-12
-
-
-@pytest.fixture(scope="module")
-def val_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("val")
-    write_synthetic_shards(out, num_classes=NUM_CLASSES, per_class=7, num_shards=3, seed=5, size_range=(40, 60),
-                           prefix="val")
-    return out
 
 
 def test_evaluation_sees_every_sample_once_and_matches_brute_force(val_dir):

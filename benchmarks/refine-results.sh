@@ -3,7 +3,7 @@
 # 100 stored views, ResNet-18 students, seed 0). Refinement runs on an IPC 10 run; IPC 1 is its slice
 # (tiers stay exact under refinement). The refine budget is scaled to 2 CPU cores: 400 iterations over
 # 100/112/100/112 px (the authors': 2,000 over 200/224/200/224 at S = 224).
-# Usage: bash docs/refine-results.sh [OUT_DIR]      (about 100 minutes on 2 CPU cores)
+# Usage: bash benchmarks/refine-results.sh [OUT_DIR]      (about 100 minutes on 2 CPU cores)
 #   VARIANTS="plain refine bn1e-4 lr005"  which rows to make: plain = RDED; refine = + refine with the authors'
 #   settings; bn1e-4 = the same with bn_weight 1e-4; lr005 = bn_weight 1e-4 and lr 0.05
 set -euo pipefail

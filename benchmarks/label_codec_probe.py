@@ -1,6 +1,6 @@
 """Soft-label codecs at 1,000 classes: label bytes and fidelity of v1 and v2 (and variants) on real images.
 
-    PYTHONPATH=<dir whose rded/ is pipeline/> OMP_NUM_THREADS=1 python docs/label_codec_probe.py --images 30 --variants
+    PYTHONPATH=<dir whose rded/ is pipeline/> OMP_NUM_THREADS=1 python benchmarks/label_codec_probe.py --images 30 --variants
 
 (In this repository's checkouts: a directory holding a symlink `rded` -> `pipeline`; an installed package
 works too.) About 40 s per image on one CPU core the first time (V = 300 views + 4 regions through the
@@ -89,11 +89,12 @@ def exact_log_probs(n: int, views: int, cache: Path) -> tuple[list[bytes], list[
 
     from rded.config import ObserverConfig
     from rded.observer import build_observer
+    from rded.runtime import ComputePolicy
     from rded.relabel import Relabeler
     from rded.score import Scorer
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    observer = build_observer(None, None, torch.device("cpu"), ObserverConfig(kind="efficientnet-lite0"))
+    observer = build_observer(None, None, ComputePolicy(torch.device("cpu")), ObserverConfig(kind="efficientnet-lite0"))
     scorer = Scorer(observer, mode="pad", resolution=224, score_batch=32, decimals=4)
     relabeler = Relabeler(scorer, seed=0, views=views, resolution=224, factor=2, topk=16)
     images = stitched_images(n, scorer)

@@ -4,13 +4,13 @@
 #  1. the soft-label codec at the issue's size: IPC 10, S = 224, V = 300 (bytes and fidelity in the manifest);
 #  2. the CPU recipe of docs/results.md at IPC 10 (S = 112, 100 views), trained with the stored labels and
 #     with the observer online; top-1 over all 1,000 classes.
-# Usage: bash docs/imagewoof1k-results.sh [OUT_DIR]   (about 50 minutes on 2 CPU cores)
+# Usage: bash benchmarks/imagewoof1k-results.sh [OUT_DIR]   (about 50 minutes on 2 CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-out/imagewoof1k}
 RDED=.venv/bin/rded
 mkdir -p "$OUT"
-.venv/bin/python docs/imagewoof1k.py ../shared/data/imagewoof "$OUT/data"
+.venv/bin/python benchmarks/imagewoof1k.py ../shared/data/imagewoof "$OUT/data"
 JOB="$OUT/data/job.toml"
 VAL="$OUT/data/val-{000000..000001}.tar"
 TRAIN=(--val "$VAL" --student resnet18 --epochs 100 --resolution 112 --quiet)

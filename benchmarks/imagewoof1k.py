@@ -1,8 +1,8 @@
 """The 1,000-class form of ImageWoof: the same shards with each `.cls` written as the breed's ImageNet
 index (classes.json's `imagenet_index`), and a job whose classes are EfficientNet-Lite0's 1,000 ImageNet
-outputs (no `data.classes`, no class map). Used by docs/imagewoof1k-results.sh (docs/results.md).
+outputs (no `data.classes`, no class map). Used by benchmarks/imagewoof1k-results.sh (docs/results.md).
 
-    .venv/bin/python docs/imagewoof1k.py ../shared/data/imagewoof OUT_DIR     # writes OUT_DIR/{train,val}-*.tar, OUT_DIR/job.toml
+    .venv/bin/python benchmarks/imagewoof1k.py ../shared/data/imagewoof OUT_DIR     # writes OUT_DIR/{train,val}-*.tar, OUT_DIR/job.toml
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces docs/performance.md: rded bench on ImageWoof (EfficientNet-Lite0, K = 5, S = 224, IPC 10,
 # subset 100 per class, relabelling off so the distillation itself is timed), in `pad` and `native`
-# mode, and the peak-RSS check at 1x and 4x the input samples. Usage: bash docs/performance.sh [OUT_DIR]
+# mode, and the peak-RSS check at 1x and 4x the input samples. Usage: bash benchmarks/performance.sh [OUT_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-out/performance}

@@ -1,4 +1,4 @@
-"""Prints the markdown table of docs/results.md from the JSON results of docs/imagewoof-results.sh."""
+"""Prints the markdown table of docs/results.md from the JSON results of benchmarks/imagewoof-results.sh."""
 
 import json
 import sys

@@ -3,7 +3,7 @@ samples in 1,024 shards), at 10 %, 30 % and 100 % of its shards, with a cheap ob
 IPC 50. Reports wall time per stage, the index pass in samples/s, peak RSS, and the sizes of samples.tsv,
 manifest.json and report.json (docs/performance.md, "ImageNet-1K scale").
 
-    .venv/bin/python docs/scale_bench.py --data /scratch/imagenet-shaped --out /scratch/scale [--fractions 0.1,0.3,1]
+    .venv/bin/python benchmarks/scale_bench.py --data /scratch/imagenet-shaped --out /scratch/scale [--fractions 0.1,0.3,1]
 
 The set is written once under --data (about 6 GB, 5 minutes) and reused. The observer is a random linear
 layer on 4 x 4 average-pooled pixels with 1,000 outputs (TorchScript): its scores are arbitrary and its

@@ -2,7 +2,7 @@
 
 Each setting runs in a fresh process (so its peak resident memory is its own): EfficientNet-Lite0 with
 all 1,000 ImageNet outputs, random stitched images at S, one optimisation step of a batch of C images
-(one per class). Usage: python docs/refine_memory.py [--size 224] [--settings 10:256,100:256,100:25,...]
+(one per class). Usage: python benchmarks/refine_memory.py [--size 224] [--settings 10:256,100:256,100:25,...]
 Prints a Markdown table for docs/performance.md.
 """
 
@@ -24,10 +24,11 @@ def one(classes: int, micro: int, size: int) -> dict:
     from rded.normalization import LITE
     from rded.observer import REGISTRY, Observer
     from rded.refine import Refiner
+    from rded.runtime import ComputePolicy
 
     torch.manual_seed(0)
     model = REGISTRY["efficientnet-lite0"].factory(ObserverConfig(kind="efficientnet-lite0"), None).eval()
-    observer = Observer(model, LITE, torch.arange(classes), torch.device("cpu"))
+    observer = Observer(model, LITE, torch.arange(classes), ComputePolicy(torch.device("cpu")))
     images = np.random.default_rng(0).integers(0, 256, (classes, size, size, 3), dtype=np.uint8)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     cfg = RefineConfig(enabled=True, iterations=1, resolutions=[size], micro_batch=micro)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the table in docs/results.md: ImageWoof, EfficientNet-Lite0 observer, ResNet-18 students,
 # the CPU recipe (S = 112, 100 epochs, 100 stored views), IPC 1 and 10 as slices of one IPC=50 run.
-# Usage: [IPCS="1 10 50"] bash docs/imagewoof-results.sh [OUT_DIR]   (IPC 1 and 10: about 60 minutes on 2 CPU cores)
+# Usage: [IPCS="1 10 50"] bash benchmarks/imagewoof-results.sh [OUT_DIR]   (IPC 1 and 10: about 60 minutes on 2 CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-out/imagewoof-results}
