@@ -25,8 +25,9 @@ def _err(msg: str) -> int:
 def cmd_distill(args: argparse.Namespace) -> int:
     from .distill import run_distill
 
-    summary = run_distill(load_job(args.job, args.set), Path(args.out), overwrite=args.overwrite)
-    print(f"rded: done: {summary.line()}")
+    summary = run_distill(load_job(args.job, args.set), Path(args.out), overwrite=args.overwrite, resume=args.resume)
+    if summary is not None:
+        print(f"rded: done: {summary.line()}")
     return 0
 
 
@@ -88,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a job-file value (repeatable); VALUE is read as TOML, else as a string")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the unfinished (killed or failed) run in --out from its committed work; runs "
+                        "the job when none was started; does nothing when the run has finished")
     p.set_defaults(func=cmd_distill, command_parser=p)
 
     p = sub.add_parser("slice", help="the IPC=K set of a larger run, without recomputation")

@@ -94,6 +94,14 @@ def from_environment(num_shards: int, use_cuda: bool) -> Ranks:
     return Ranks(dist.get_rank(), dist.get_world_size(), local_rank, split_by_shard=num_shards >= world)
 
 
+def restarts_share_the_agent_store() -> bool:
+    """torchrun restarts workers (--max-restarts) while sharing its rendezvous TCP store with them: a
+    restarted worker can then read a dead peer's address and fail or hang (pytorch/pytorch#135712).
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment avoids it."""
+    return (int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0
+            and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
+
+
 def shutdown(ranks: Ranks) -> None:
     if ranks.world > 1:
         import torch.distributed as dist

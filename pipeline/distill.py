@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
 import re
 import shutil
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +27,10 @@ import numpy as np
 import torch
 
 from . import __version__
+from .checkpoint import CHECKPOINT, Checkpoint, IndexDigest, event, npz_arrays, npz_bytes
 from .config import JobConfig, ObserverConfig
 from .crops import Cutter
-from .dist import Ranks, from_environment, shutdown
+from .dist import Ranks, from_environment, restarts_share_the_agent_store, shutdown
 from .errors import JobError
 from .heap import PerClassTopK, Rows
 from .keyed import centre_square, crop_window
@@ -36,16 +39,17 @@ from .records import (ClassInfo, PatchRows, SampleRef, SampleRows, ScoredPatch, 
                       draw_order)
 from .refine import Refiner, Spool
 from .relabel import LabelStats, Relabeler, labels_summary, write_label_shard
-from .report import (DISTILLED, EXCLUDED, NOT_DRAWN, SCORED, SKIPPED, Ledger, Timings, concat_ledgers,
+from .report import (DISTILLED, EXCLUDED, NOT_DRAWN, SCORED, SKIPPED, Ledger, Timings, assemble_ledger,
                      merge_accounting, peak_rss_mib, progress_bar)
-from .rundir import (MANIFEST_FORMAT, STAGING, ClassRecord, Manifest, check_output, discard_staging, make_staging,
-                     publish, write_json)
+from .rundir import (MANIFEST, MANIFEST_FORMAT, STAGING, ClassRecord, Manifest, ShardRecord, check_output,
+                     discard_staging, make_staging, publish, write_json)
 from .runtime import ComputePolicy, resolve_devices
 from .score import Scorer, cut_candidates, key_patches
 from .select import SubsetDraw
 from .source import (FirstOccurrence, canonical_order, expand_shards, load_classes, scan_shard,
                      shard_key_hashes)
 from .streams import MemberFetcher, SpooledMembers
+from .tario import sha256_file
 from .write import (PlannedImage, WriteResult, WriteSettings, contact_sheet_rows, cut_canvases, merge_results,
                     output_shards, plan_images, stitch, write_contact_sheet, write_image_shard)
 
@@ -105,6 +109,7 @@ class Run:
     decoder: str
     ranks: Ranks
     started: float
+    checkpoint: Checkpoint | None = None
     timings: Timings = field(default_factory=Timings)
     class_names: dict[int, str] = field(default_factory=dict)
     wanted: set[int] = field(default_factory=set)
@@ -118,6 +123,19 @@ class Run:
     @property
     def staging(self) -> Path:
         return self.out_dir / STAGING
+
+    @property
+    def ledger_dir(self) -> Path:
+        """Ledger parts (every rank's, canonical order assembled at the end)."""
+        return self.staging / ".ledger"
+
+    @property
+    def position(self) -> np.ndarray:
+        """Each shard's place in the canonical (by name) order, by shard index."""
+        if getattr(self, "_position", None) is None:
+            self._position = np.empty(len(self.shards), np.int64)
+            self._position[canonical_order(self.shards)] = np.arange(len(self.shards))
+        return self._position
 
     @property
     def stream_spool(self) -> Path:
@@ -134,7 +152,8 @@ class Run:
         return self._winners
 
     def record(self, item: SampleRef | ScoredPatch | Skipped, status: str, reason: str = "") -> None:
-        self.ledger.record(item.key, self.shards[item.shard].name, status, reason, item.offset)
+        self.ledger.record(item.key, self.shards[item.shard].name, status, reason, item.offset,
+                           int(self.position[item.shard]))
 
     def cutter(self, crops: int) -> Cutter:
         runtime = self.job.runtime
@@ -147,9 +166,15 @@ class Run:
         return progress_bar(total, what, enabled=self.job.runtime.progress and self.ranks.is_main)
 
 
-def run_distill(job: JobConfig, out_dir: Path, *, overwrite: bool = False) -> Summary:
-    """Run a job, in this process or as one rank of a torchrun launch (detected from the environment)."""
+def run_distill(job: JobConfig, out_dir: Path, *, overwrite: bool = False, resume: bool = False) -> Summary | None:
+    """Run a job, in this process or as one rank of a torchrun launch (detected from the environment).
+
+    `resume`: continue the unfinished run in `out_dir` from the work it committed (rded.checkpoint), or
+    start one where there is none; a finished run is left as it is (returns None)."""
     started = time.perf_counter()
+    if resume and overwrite:
+        raise JobError("--resume and --overwrite exclude each other: --resume continues a run, --overwrite "
+                       "starts afresh")
     # -- checks: every failure here is an error before any work (on every rank alike)
     shards = expand_shards(job)
     classes = load_classes(job)
@@ -157,21 +182,55 @@ def run_distill(job: JobConfig, out_dir: Path, *, overwrite: bool = False) -> Su
     for i, spec in enumerate(job.refine.observers if job.refine.enabled else []):
         check_observer(job, classes, spec, where=f"refine.observers[{i}]")
     device, decoder = resolve_devices(job.runtime.device, job.runtime.decoder)
+    if resume and (out_dir / MANIFEST).is_file():
+        log(f"{out_dir} holds a finished run: nothing to resume")
+        return None
     check_output(out_dir, overwrite)
     ranks = from_environment(len(shards), use_cuda=device.type == "cuda")
+    if ranks.is_main and restarts_share_the_agent_store():
+        log("warning: torchrun --max-restarts with its TCP store shared (torch's default) can leave restarted "
+            "workers unable to connect (pytorch/pytorch#135712); launch torchrun with "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 so that restarts resume reliably")
     if device.type == "cuda":
         device = torch.device("cuda", ranks.local_rank)
     compute = ComputePolicy.resolve(device, job.runtime.precision)
+    checkpoint = Checkpoint(out_dir / STAGING / CHECKPOINT, ranks.rank)
     try:
-        if ranks.is_main:
-            make_staging(out_dir)
-        ranks.barrier()
-        return _distill(Run(job, out_dir, shards, classes, compute, decoder, ranks, started))
+        identity = Checkpoint.identity(job.public_dict(), __version__, ranks.world)
+        resumed = start_staging(out_dir, checkpoint, identity, resume) if ranks.is_main else False
+        checkpoint.resumed = ranks.gather(resumed)[0]  # also the barrier: the staging folder is ready
+        return _distill(Run(job, out_dir, shards, classes, compute, decoder, ranks, started, checkpoint))
     except BaseException:
-        discard_staging(out_dir)  # nothing half-made stays behind
+        if not committed_work(out_dir):
+            discard_staging(out_dir)  # nothing worth resuming: nothing half-made stays behind
+        elif ranks.is_main:
+            log(f"the run stopped; its committed work is kept in {out_dir / STAGING} (hidden, never taken for a "
+                f"finished run): rerun with --resume to continue it, or --overwrite to start afresh")
         raise
     finally:
         shutdown(ranks)
+
+
+def start_staging(out_dir: Path, checkpoint: Checkpoint, identity: dict[str, Any], resume: bool) -> bool:
+    """The staging folder for this attempt: the unfinished run's, checked, when resuming one; else a fresh
+    one. Returns whether work is resumed."""
+    if resume and checkpoint.read_identity() is not None:
+        checkpoint.check_identity(identity, out_dir)
+        log(f"resuming the unfinished run in {out_dir}")
+        return True
+    if committed_work(out_dir):
+        log(f"note: starting afresh; the unfinished run's committed work in {out_dir / STAGING} is discarded "
+            "(--resume continues it)")
+    make_staging(out_dir)
+    checkpoint.write_identity(identity)
+    return False
+
+
+def committed_work(out_dir: Path) -> bool:
+    """Whether the staging folder holds a committed unit (scoring, refinement or an output shard)."""
+    staging = out_dir / STAGING
+    return any(any((staging / where).glob(pattern)) for where, pattern in
+               ((f"{CHECKPOINT}/score", "*.npz"), (f"{CHECKPOINT}/out", "*.json"), (".refined", "batch-*.json")))
 
 
 def _distill(run: Run) -> Summary:
@@ -180,19 +239,20 @@ def _distill(run: Run) -> Summary:
         observer = build_observer(run.job, run.classes, run.compute)
         refiner = make_refiner(run, observer) if run.job.refine.enabled else None
     set_classes(run, observer)
-    ledger_name = "samples.tsv" if run.ranks.world == 1 else f".samples.rank{run.ranks.rank}.tsv"
-    run.ledger = Ledger(run.staging / ledger_name)
+    run.ledger = Ledger(run.ledger_dir / f"index.r{run.ranks.rank}.tsv")  # redone on every attempt
     try:
         drawn, drawn_count = source_and_select(run)
         scorer = Scorer(observer, mode=cfg.score_mode, resolution=cfg.resolution,
                         score_batch=run.job.runtime.score_batch, decimals=cfg.score_decimals)
         window, order = ((crop_window, best_first) if cfg.method == "rded"  # the baseline: whole images, ranked
                          else (centre_square, lambda p: draw_order(cfg.seed, p)))  # in draw order (random slices)
-        local_winners, scored = decode_crop_score(run, drawn, scorer, window, order)
+        run.ledger.close()
+        local_winners, scored, units = decode_crop_score(run, drawn, scorer, window, order)
         del drawn
         winners = merged_winners(run, local_winners, order)
         plan = plan_images(winners, cfg.tiers, cfg.patches_per_image)
-        record_winners(run, plan, winners, local_winners)
+        run.ledger = Ledger(run.ledger_dir / f"drawn.r{run.ranks.rank}.tsv")
+        record_scored(run, plan, winners, units)
         spool = refine_images(run, plan, refiner) if refiner is not None else None
         relabeler = None
         if run.job.relabel.enabled:
@@ -233,12 +293,15 @@ def source_and_select(run: Run) -> tuple[Rows[SampleRef], dict[int, int]]:
                                                      for p in positions}) for p, h in part.items()}
     first = FirstOccurrence(shard_keys)
     draw = SubsetDraw(cfg.seed, cfg.subset)
+    digest = IndexDigest()
     seen = 0
     for position in positions:
         first.next_shard(position)
         for rec in scan_shard(order[position], run.shards[order[position]]):
             if not ranks.owns_sample(position, rec.key):
                 continue
+            digest.add(position, run.shards[rec.shard].name, rec.key, rec.offset,
+                       rec.reason if isinstance(rec, Skipped) else f"{rec.label}:{rec.size}")
             seen += 1
             if isinstance(rec, Skipped) and rec.reason == "corrupt_shard":
                 run.record(rec, SKIPPED, rec.reason)
@@ -253,6 +316,8 @@ def source_and_select(run: Run) -> tuple[Rows[SampleRef], dict[int, int]]:
             else:
                 for r in draw.offer(rec):
                     run.record(r, NOT_DRAWN)
+        event()
+    run.checkpoint.check_inputs(digest.hexdigest(), run.out_dir)
     local, dropped = draw.finish()
     for r in dropped:
         run.record(r, NOT_DRAWN)
@@ -295,36 +360,83 @@ def in_reading_order(shards: list[Shard], parts: list[Rows[SampleRef]]) -> Rows[
     return Rows(SampleRows, rows[np.lexsort((rows["offset"], name_rank[rows["shard"]]))])
 
 
+@dataclass
+class ScoreUnit:
+    """One input shard's scoring, as committed: its key patches and the drawn samples it could not use."""
+
+    name: str
+    patches: Rows[ScoredPatch]
+    rejected: Rows[SampleRef]
+    reasons: np.ndarray  # one per rejected sample
+
+    def to_bytes(self) -> bytes:
+        return npz_bytes(patches=self.patches.array, rejected=self.rejected.array,
+                         reasons=np.asarray(self.reasons, dtype="U"))
+
+    @classmethod
+    def from_bytes(cls, name: str, data: bytes) -> ScoreUnit | None:
+        arrays = npz_arrays(data)
+        if arrays is None or set(arrays) != {"patches", "rejected", "reasons"}:
+            return None
+        return cls(name, Rows(PatchRows, arrays["patches"]), Rows(SampleRows, arrays["rejected"]), arrays["reasons"])
+
+
 def decode_crop_score(run: Run, drawn: Rows[SampleRef], scorer: Scorer, window: Callable,
-                      order: Callable) -> tuple[dict[Any, Sequence[ScoredPatch]], int]:
+                      order: Callable) -> tuple[dict[Any, Sequence[ScoredPatch]], int, list[str]]:
     """Decode + crop K candidates per drawn image, score them, keep each image's best, and keep each
-    class's best N x IPC in a top-k. Returns (this rank's per-class top-k, images scored by all ranks)."""
+    class's best N x IPC in a top-k. Work is committed per input shard (a ScoreUnit); a resumed run takes a
+    committed shard's key patches from its unit instead of scoring it again. Returns (this rank's per-class
+    top-k, images scored by all ranks, this rank's unit names in reading order)."""
     cfg, runtime = run.job.distill, run.job.runtime
     # numpy rows, like the draw: at ImageNet scale the ranking holds up to 300,000 scored patches
     ranking: PerClassTopK[ScoredPatch] = PerClassTopK(cfg.patches_per_image * cfg.ipc, order=order,
                                                       class_of=lambda p: p.label, codec=PatchRows)
     cutter = run.cutter(cfg.crops)
     bar = run.progress(len(drawn), "scoring")
-    scored = 0
+    scored, units = 0, []
     # `drawn` is in (shard name, offset) order, so a streamed shard is one forward pass here
     fetch = MemberFetcher(run.shards, run.stream_spool, run.ranks.rank)
+    shard_of = drawn.array["shard"]
+    bounds = np.flatnonzero(np.diff(shard_of)) + 1 if len(shard_of) else np.zeros(0, np.int64)
     try:
-        for start in range(0, len(drawn), runtime.batch_size):
-            batch = drawn[start:start + runtime.batch_size]
-            scored += _score_batch(run, batch, fetch, cutter, scorer, window, ranking)
-            bar.update(len(batch))
+        for lo, hi in zip([0, *bounds.tolist()], [*bounds.tolist(), len(drawn)]):
+            if lo == hi:
+                continue
+            name = f"score/p{int(run.position[shard_of[lo]]):06d}.r{run.ranks.rank}.npz"
+            units.append(name)
+            data = run.checkpoint.load(name, "score_shards")
+            unit = ScoreUnit.from_bytes(name, data) if data is not None else None
+            if data is not None and unit is None:  # damaged: redo it
+                run.checkpoint.discard(name, "score_shards")
+            if unit is None:
+                patches, rejected = [], []
+                for start in range(lo, hi, runtime.batch_size):
+                    batch = drawn[start:min(start + runtime.batch_size, hi)]
+                    best, bad = _score_batch(run, batch, fetch, cutter, scorer, window, ranking)
+                    patches += best
+                    rejected += bad
+                    bar.update(len(batch))
+                fetch.spool.close()  # the shard's spooled winners are complete before its unit is committed
+                unit = ScoreUnit(name, Rows.of(PatchRows, patches, order), Rows.of(SampleRows, [r for r, _ in rejected],
+                                                                                    order=lambda r: (0, r.key)),
+                                 np.asarray([why for _, why in rejected], dtype="U"))
+                run.checkpoint.commit(name, unit.to_bytes(), "score_shards")
+            else:
+                ranking.push_all(unit.patches)
+                bar.update(hi - lo)
+            scored += len(unit.patches)
     finally:
         fetch.close()  # the spool is complete before the ranks merge their winners
     bar.close()
-    local_winners, dropped = ranking.finish()
-    for d in dropped:
-        run.record(d, SCORED)
-    return local_winners, sum(run.ranks.gather(scored))
+    local_winners, _ = ranking.finish()
+    return local_winners, sum(run.ranks.gather(scored)), units
 
 
 def _score_batch(run: Run, batch: list[SampleRef], fetch: MemberFetcher, cutter: Cutter, scorer: Scorer,
-                 window: Callable, ranking: PerClassTopK[ScoredPatch]) -> int:
-    """Decode, crop and score one batch of drawn images into the per-class top-k; returns images scored."""
+                 window: Callable, ranking: PerClassTopK[ScoredPatch]
+                 ) -> tuple[list[ScoredPatch], list[tuple[SampleRef, str]]]:
+    """Decode, crop and score one batch of drawn images into the per-class top-k; returns the batch's key
+    patches and the samples it could not use, with the reason."""
     cfg, runtime = run.job.distill, run.job.runtime
     with run.timings.stage("decode_crop", len(batch)):
         candidates, rejected = cut_candidates(
@@ -333,17 +445,14 @@ def _score_batch(run: Run, batch: list[SampleRef], fetch: MemberFetcher, cutter:
             max_pixels=runtime.max_pixels)
     with run.timings.stage("score", len(candidates.images) * cfg.crops, unit="patches"):
         best = key_patches(candidates, scorer)
-    for ref, reason in rejected:
-        run.record(ref, SKIPPED, reason)
     with run.timings.stage("heap", len(best)):
         dropped = set()
         for patch in best:
             for d in ranking.push(patch):
-                run.record(d, SCORED)
                 dropped.add((d.shard, d.offset))
     # only a patch still in the top-k can become a winner: spool its bytes (streamed shards)
     fetch.keep((p.shard, p.offset) for p in best if (p.shard, p.offset) not in dropped)
-    return len(best)
+    return best, rejected
 
 
 def merged_winners(run: Run, local: dict[Any, Rows[ScoredPatch]], order: Callable) -> dict[Any, Rows[ScoredPatch]]:
@@ -354,21 +463,25 @@ def merged_winners(run: Run, local: dict[Any, Rows[ScoredPatch]], order: Callabl
     return {c: Rows.of(PatchRows, patches, order) for c, patches in merged.items()}
 
 
-def record_winners(run: Run, plan: list[PlannedImage], winners: dict[Any, Sequence[ScoredPatch]],
-                   local: dict[Any, Sequence[ScoredPatch]]) -> None:
-    """This rank's winners in the ledger: distilled when an image uses them, else scored."""
-    used_ranks: dict[Any, set[int]] = {c: set() for c in winners}
+def record_scored(run: Run, plan: list[PlannedImage], winners: dict[Any, Sequence[ScoredPatch]],
+                  units: list[str]) -> None:
+    """The ledger rows of every drawn sample this rank read, from its committed score units: distilled when
+    an image uses its key patch, else scored; or skipped with the reason it could not be used."""
+    used = []
     for image in plan:
-        used_ranks[image.label].update(image.ranks)
-    if run.ranks.world == 1:  # the winners are this rank's: a winner's rank says it
-        for c in sorted(local):
-            for r, w in enumerate(local[c]):
-                run.record(w, DISTILLED if r in used_ranks[c] else SCORED)
-        return
-    used = {(p.shard, p.key) for c, ranks in used_ranks.items() for r, p in enumerate(winners[c]) if r in ranks}
-    for c in sorted(local):
-        for w in local[c]:
-            run.record(w, DISTILLED if (w.shard, w.key) in used else SCORED)
+        for r in image.ranks:
+            p = winners[image.label][r]
+            used.append((p.shard << 40) | p.offset)
+    used_ids = np.unique(np.asarray(used, np.int64))
+    for name in units:
+        unit = ScoreUnit.from_bytes(name, run.checkpoint.path(name).read_bytes())
+        rows = unit.patches.array
+        distilled = np.isin((rows["shard"].astype(np.int64) << 40) | rows["offset"], used_ids)
+        for patch, is_used in zip(unit.patches, distilled.tolist()):
+            run.record(patch, DISTILLED if is_used else SCORED)
+        for ref, reason in zip(unit.rejected, unit.reasons.tolist()):
+            run.record(ref, SKIPPED, reason)
+    run.ledger.close()
 
 
 def describe_observer(spec: ObserverConfig) -> str:
@@ -404,13 +517,19 @@ def refine_images(run: Run, plan: list[PlannedImage], refiner: Refiner) -> Spool
         if j % run.ranks.world != run.ranks.rank:
             continue
         images = batches[j]
+        if spool.has_batch(j, [image.key for image in images]):  # committed by an earlier attempt
+            run.checkpoint.reused["refine_batches"] += 1
+            bar.update(len(images))
+            continue
         with run.timings.stage("refine", len(images)):
             canvases = np.stack(cut_canvases(images, run.shards, cfg.resolution, cfg.factor, cutter,
                                               read=run.read_winner))
             refined, record = refiner.refine(canvases, [im.label for im in images], j)
         for image, pixels in zip(images, refined):
             spool.put(image.key, pixels)
-        spool.put_record(record)
+        spool.put_record(record)  # last: the batch's commit
+        run.checkpoint.computed["refine_batches"] += 1
+        event()
         first, last = record.stages[0], record.stages[-1]
         if run.ranks.is_main and not run.job.runtime.progress:
             log(f"refined batch {j} (image {j} of {len(images)} classes): loss {first.loss_start:.3f} -> {last.loss_end:.3f}")
@@ -423,7 +542,9 @@ def refine_images(run: Run, plan: list[PlannedImage], refiner: Refiner) -> Spool
 def write_and_relabel(run: Run, plan: list[PlannedImage], relabeler: Relabeler | None,
                       spool: Spool | None = None) -> tuple[WriteResult, LabelStats]:
     """Stitch (or take from the refine spool) the planned images of the output shards this rank owns, write
-    them, and label each shard's images from their stored bytes. Returns every rank's results, merged."""
+    them, and label each shard's images from their stored bytes; each output shard is a committed unit,
+    which a resumed run takes as it is (its files checked against their sha256). Returns every rank's
+    results, merged."""
     out, cfg = run.job.output, run.job.distill
     settings = WriteSettings(cfg.resolution, cfg.factor, out.shard_size, out.image_format, out.jpeg_quality,
                              contact_sheet_rows(plan, out.contact_sheet_classes), out.contact_sheet_images)
@@ -436,44 +557,106 @@ def write_and_relabel(run: Run, plan: list[PlannedImage], relabeler: Relabeler |
         def from_spool(image: PlannedImage) -> tuple[np.ndarray, dict[str, Any]]:
             return spool.image(image.key), {"observers": observers, "stages": stages[image.image_index]}
         refined = from_spool
-    result, stats = WriteResult(), LabelStats()
+    parts, stats = [], []
     bar = run.progress(len(plan), "writing + relabelling" if relabeler else "writing")
-    relabel_seconds, started = 0.0, time.perf_counter()
+    relabel_seconds, written_images, started = 0.0, 0, time.perf_counter()
     for shard_no, chunk in enumerate(output_shards(plan, out.shard_size)):
         if not run.ranks.owns_output(shard_no):
             continue
-        samples = stitch(chunk, run.shards, run.class_names, settings, cutter, result, run.read_winner,
+        unit = load_output_unit(run, shard_no)
+        if unit is not None:
+            parts.append(unit[0])
+            stats.append(unit[1])
+            bar.update(len(chunk))
+            continue
+        part, shard_stats = WriteResult(), LabelStats()
+        samples = stitch(chunk, run.shards, run.class_names, settings, cutter, part, run.read_winner,
                          on_image=bar.update if relabeler is None else lambda n: None, refined=refined)
         record = write_image_shard(run.staging, shard_no, chunk[0].tier, samples)
         if relabeler is not None:
             t0 = time.perf_counter()
-            record.labels = write_label_shard(run.staging, shard_no, samples, out.image_format, relabeler, stats,
-                                              on_image=bar.update)
+            record.labels = write_label_shard(run.staging, shard_no, samples, out.image_format, relabeler,
+                                              shard_stats, on_image=bar.update)
             relabel_seconds += time.perf_counter() - t0
-        result.shards.append(record)
+        part.shards.append(record)
+        commit_output_unit(run, shard_no, part, shard_stats)
+        parts.append(part)
+        stats.append(shard_stats)
+        written_images += len(chunk)
     bar.close()
-    run.timings.add("stitch_write", time.perf_counter() - started - relabel_seconds, len(plan))
+    run.timings.add("stitch_write", time.perf_counter() - started - relabel_seconds, written_images)
     if relabeler is not None:
-        run.timings.add("relabel", relabel_seconds, len(plan) * (relabeler.views + cfg.patches_per_image),
+        run.timings.add("relabel", relabel_seconds, written_images * (relabeler.views + cfg.patches_per_image),
                         unit="labels")
-    return merge_results(run.ranks.gather(result)), LabelStats.merge(run.ranks.gather(stats))
+    gathered = run.ranks.gather((merge_results(parts), LabelStats.merge(stats)))
+    return merge_results([g[0] for g in gathered]), LabelStats.merge([g[1] for g in gathered])
+
+
+def _output_unit_name(shard_no: int) -> str:
+    return f"out/{shard_no:06d}"
+
+
+def commit_output_unit(run: Run, shard_no: int, part: WriteResult, stats: LabelStats) -> None:
+    """An output shard's record, counts, thumbnails and label statistics; committed after its files."""
+    name = _output_unit_name(shard_no)
+    keys = sorted(part.thumbnails)
+    run.checkpoint.commit(f"{name}.npz", npz_bytes(
+        keys=np.asarray(keys, np.int64).reshape(-1, 2),
+        thumbnails=np.stack([part.thumbnails[k] for k in keys]) if keys else np.zeros((0, 1, 1, 3), np.uint8)),
+        "output_thumbnails")
+    record = {"shard": asdict(part.shards[0]), "images_per_class": sorted(part.images_per_class.items()),
+              "kl_sums": sorted(stats.kl_sums.items()), "label_count": stats.count}
+    run.checkpoint.commit(f"{name}.json", json.dumps(record).encode(), "output_shards")
+
+
+def load_output_unit(run: Run, shard_no: int) -> tuple[WriteResult, LabelStats] | None:
+    """A committed output shard, when its unit and files are whole (checked by sha256); else None (redo)."""
+    name = _output_unit_name(shard_no)
+    data = run.checkpoint.load(f"{name}.json", "output_shards")
+    if data is None:
+        return None
+    try:
+        record = json.loads(data)
+        shard = ShardRecord(**record["shard"])
+        arrays = npz_arrays(run.checkpoint.path(f"{name}.npz").read_bytes())
+        files = [(shard.name, shard.sha256)] + ([(shard.labels["name"], shard.labels["sha256"])] if shard.labels else [])
+        whole = arrays is not None and all(sha256_file(run.staging / f) == sha for f, sha in files)
+    except (OSError, ValueError, KeyError, TypeError):
+        whole = False
+    if not whole:
+        run.checkpoint.discard(f"{name}.json", "output_shards")
+        return None
+    part = WriteResult(shards=[shard], images_per_class={int(c): int(n) for c, n in record["images_per_class"]},
+                       thumbnails={(int(c), int(j)): t for (c, j), t in zip(arrays["keys"].tolist(), arrays["thumbnails"])})
+    return part, LabelStats({float(t): v for t, v in record["kl_sums"]}, record["label_count"])
+
+
+def checkpoint_report(parts: Sequence[Checkpoint]) -> dict[str, Any]:
+    """What this attempt took from committed work and what it computed (every rank), and the time it spent
+    committing."""
+    reused, computed = Counter(), Counter()
+    for c in parts:
+        reused.update(c.reused)
+        computed.update(c.computed)
+    return {"resumed": parts[0].resumed, "units_reused": dict(sorted((+reused).items())),
+            "units_computed": dict(sorted((+computed).items())),
+            "commit_seconds": round(sum(c.commit_seconds for c in parts), 3)}
 
 
 def finish(run: Run, result: WriteResult, label_stats: LabelStats, relabeler: Relabeler | None,
            drawn_count: dict[int, int], scored: int, spool: Spool | None = None) -> Summary:
     """The run's records (manifest, report, ledger, contact sheet), written and published by the main rank."""
     cfg, ranks = run.job.distill, run.ranks
-    accounting = merge_accounting(ranks.gather(run.ledger.summary()))
+    checkpoints = ranks.gather(run.checkpoint)
+    accounting = (assemble_ledger(sorted(run.ledger_dir.glob("*.tsv")), run.staging / "samples.tsv")
+                  if ranks.is_main else None)  # every rank's parts are closed: the gather above waits for them
+    accounting = ranks.gather(accounting)[0]
     seconds = time.perf_counter() - run.started
     per_class = {c: result.images_per_class.get(c, 0) for c in sorted(run.wanted)}
     summary = Summary(run.out_dir, sum(s.samples for s in result.shards), len(result.shards), len(run.wanted),
                       scored, sum(accounting[SKIPPED].values()), seconds, sum(1 for n in per_class.values() if n))
     if not ranks.is_main:
         return summary
-    if ranks.world > 1:
-        concat_ledgers([run.staging / f".samples.rank{r}.tsv" for r in range(ranks.world)],
-                       run.staging / "samples.tsv")
-    shutil.rmtree(run.stream_spool, ignore_errors=True)
     write_contact_sheet(run.staging / "contact-sheet.png", result.thumbnails)
     # a class with no samples is normal when the classes are an observer's 1,000 outputs and the data has a few
     empty = [run.class_names[c] for c, n in per_class.items() if n == 0]
@@ -514,7 +697,10 @@ def finish(run: Run, result: WriteResult, label_stats: LabelStats, relabeler: Re
         "short_classes": short,
         "empty_classes": {"count": len(empty), "classes": empty},
         "end_to_end_images_per_s": round(scored / seconds, 2) if seconds else None,
+        "checkpoint": checkpoint_report(checkpoints),
         **({"refine": refine_report} if refine_report else {}),
     })
+    for scratch in (run.stream_spool, run.ledger_dir, run.checkpoint.dir):  # the last step before publishing
+        shutil.rmtree(scratch, ignore_errors=True)
     publish(run.out_dir, manifest)
     return summary

@@ -310,6 +310,11 @@ class Spool:
     def image(self, key: str) -> np.ndarray:
         return np.load(self.dir / f"{key}.npy", allow_pickle=False)
 
+    def has_batch(self, image_index: int, keys: Sequence[str]) -> bool:
+        """Whether batch `image_index` is committed: its record, written after its images, is there."""
+        return (self.dir / f"batch-{image_index:06d}.json").is_file() and all(
+            (self.dir / f"{key}.npy").is_file() for key in keys)
+
     def put_record(self, record: BatchRecord) -> None:
         write_bytes_atomic(self.dir / f"batch-{record.image_index:06d}.json", json.dumps(record.to_json()).encode())
 

@@ -79,21 +79,25 @@ def escape_field(text: str) -> str:
 
 
 class Ledger:
-    """One TSV row per input sample (key, shard, status, reason, offset), written as samples are decided, so
-    the ledger costs no memory; the counts go into report.json. Keys and shard names are escaped
-    (`escape_field`), so every sample is exactly one row for any TSV or `csv` reader."""
+    """Ledger rows (key, shard, status, reason, offset) as samples are decided, written to a part file so
+    the ledger costs no memory. Each row carries its place in the canonical order (the shard's position by
+    name, then the offset), so `assemble_ledger` can put the parts of any number of ranks and attempts into
+    one order. Keys and shard names are escaped (`escape_field`), so every sample is exactly one row for any
+    TSV or `csv` reader. Counts are kept for messages during the run; report.json's come from the whole ledger."""
 
     def __init__(self, path: Path):
         self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
         self._file: TextIO = open(path, "w", encoding="utf-8", newline="")
-        self._file.write("key\tshard\tstatus\treason\toffset\n")
         self.counts: Counter[str] = Counter()
         self.reasons: Counter[str] = Counter()
         self.examples: dict[str, list[str]] = {}
 
-    def record(self, key: str, shard: str, status: str, reason: str = "", offset: int = -1) -> None:
+    def record(self, key: str, shard: str, status: str, reason: str = "", offset: int = -1,
+               position: int = 0) -> None:
         key, shard = escape_field(key), escape_field(shard)
-        self._file.write(f"{key}\t{shard}\t{status}\t{reason}\t{offset if offset >= 0 else ''}\n")
+        self._file.write(f"{position}\t{offset + 1}\t{key}\t{shard}\t{status}\t{reason}\t"
+                         f"{offset if offset >= 0 else ''}\n")
         self.counts[status] += 1
         if status == SKIPPED:
             self.reasons[reason] += 1
@@ -105,15 +109,74 @@ class Ledger:
         self._file.close()
 
     def summary(self) -> dict[str, Any]:
-        return {
-            "input_samples": sum(self.counts.values()),
-            DISTILLED: self.counts[DISTILLED],
-            SCORED: self.counts[SCORED],
-            NOT_DRAWN: self.counts[NOT_DRAWN],
-            EXCLUDED: self.counts[EXCLUDED],
-            SKIPPED: dict(sorted(self.reasons.items())),
-            "skipped_examples": self.examples,
-        }
+        """Counts of this part, and its first skipped samples of each reason (in the order recorded)."""
+        return {"input_samples": sum(self.counts.values()), DISTILLED: self.counts[DISTILLED],
+                SCORED: self.counts[SCORED], NOT_DRAWN: self.counts[NOT_DRAWN], EXCLUDED: self.counts[EXCLUDED],
+                SKIPPED: dict(sorted(self.reasons.items())), "skipped_examples": self.examples}
+
+
+LEDGER_HEADER = "key\tshard\tstatus\treason\toffset\n"
+SORT_CHUNK = 500_000  # rows sorted in memory at once when assembling the ledger
+
+
+def _sort_key(line: str) -> tuple[int, int, str]:
+    position, offset, row = line.split("\t", 2)
+    return int(position), int(offset), row  # the row itself (key first) breaks ties: any part order sorts alike
+
+
+def assemble_ledger(parts: list[Path], out: Path) -> dict[str, Any]:
+    """samples.tsv from ledger parts, in the canonical order (shard by name, offset, key) whatever rank or
+    attempt wrote them; memory is bounded by an external merge of sorted chunks. Returns the accounting:
+    counts per status and reason, and the first EXAMPLES_PER_REASON skipped samples of each reason."""
+    import heapq
+    import tempfile
+
+    runs: list[Path] = []
+    tmpdir = Path(tempfile.mkdtemp(prefix=".ledger-", dir=out.parent))
+    chunk: list[str] = []
+
+    def spill() -> None:
+        chunk.sort(key=_sort_key)
+        run = tmpdir / f"{len(runs)}.tsv"
+        run.write_text("".join(chunk), encoding="utf-8")
+        runs.append(run)
+        chunk.clear()
+
+    for part in parts:
+        with open(part, encoding="utf-8", newline="") as src:
+            for line in src:
+                chunk.append(line)
+                if len(chunk) >= SORT_CHUNK:
+                    spill()
+    if chunk or not runs:
+        spill()
+    counts: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+    examples: dict[str, list[str]] = {}
+    files = [open(r, encoding="utf-8", newline="") for r in runs]
+    try:
+        with open(atomic_ledger := out.with_name(f".{out.name}.partial"), "w", encoding="utf-8", newline="") as dst:
+            dst.write(LEDGER_HEADER)
+            for line in heapq.merge(*files, key=_sort_key):
+                row = line.split("\t", 2)[2]
+                key, shard, status, reason, offset = row.rstrip("\n").split("\t")
+                counts[status] += 1
+                if status == SKIPPED:
+                    reasons[reason] += 1
+                    kept = examples.setdefault(reason, [])
+                    if len(kept) < EXAMPLES_PER_REASON:
+                        kept.append(f"{shard}:{key}" + (f"@{offset}" if offset else ""))
+                dst.write(row)
+        atomic_ledger.replace(out)
+    finally:
+        for f in files:
+            f.close()
+        for r in runs:
+            r.unlink()
+        tmpdir.rmdir()
+    return {"input_samples": sum(counts.values()), DISTILLED: counts[DISTILLED], SCORED: counts[SCORED],
+            NOT_DRAWN: counts[NOT_DRAWN], EXCLUDED: counts[EXCLUDED], SKIPPED: dict(sorted(reasons.items())),
+            "skipped_examples": examples}
 
 
 def merge_accounting(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -130,16 +193,3 @@ def merge_accounting(parts: list[dict[str, Any]]) -> dict[str, Any]:
             kept.extend(examples[: EXAMPLES_PER_REASON - len(kept)])
     merged[SKIPPED] = dict(sorted(merged[SKIPPED].items()))
     return merged
-
-
-def concat_ledgers(parts: list[Path], out: Path) -> None:
-    """One samples.tsv from the ranks' ledgers (rank order), one header."""
-    with open(out, "w", encoding="utf-8") as dst:
-        for i, part in enumerate(parts):
-            with open(part, encoding="utf-8") as src:
-                header = src.readline()
-                if i == 0:
-                    dst.write(header)
-                for line in src:
-                    dst.write(line)
-            part.unlink()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -73,7 +74,7 @@ def test_slice_of_a_non_run_is_exit_2(tmp_path, capsys):
     assert "no manifest.json" in capsys.readouterr().err
 
 
-def test_sigterm_mid_run_leaves_nothing_behind(write_job, tmp_path):
+def test_sigterm_mid_run_leaves_nothing_finished_looking_and_resume_completes(write_job, tmp_path):
     import signal
     import time
 
@@ -89,4 +90,8 @@ def test_sigterm_mid_run_leaves_nothing_behind(write_job, tmp_path):
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM
-    assert list(out.iterdir()) == []
+    assert [p.name for p in out.iterdir()] == [".rded-staging"]  # hidden, and kept for --resume
+    assert "--resume" in proc.stderr.read()
+    assert main(["distill", str(job), "--out", str(out), "--resume"]) == 0
+    assert (out / "manifest.json").is_file() and not (out / ".rded-staging").exists()
+    assert json.loads((out / "report.json").read_text())["checkpoint"]["units_reused"]["score_shards"] == 2

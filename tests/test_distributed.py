@@ -28,8 +28,8 @@ def test_two_ranks_give_the_single_process_output(baseline_run, write_job, tmp_p
     for name in names:  # distilled and soft-label shards
         assert (out / name).read_bytes() == (baseline_run / name).read_bytes(), name
     assert (out / "manifest.json").read_bytes() == (baseline_run / "manifest.json").read_bytes()
-    ledger = sorted((out / "samples.tsv").read_text().splitlines())
-    assert ledger == sorted((baseline_run / "samples.tsv").read_text().splitlines())
+    # one canonical order, whatever the rank count
+    assert (out / "samples.tsv").read_bytes() == (baseline_run / "samples.tsv").read_bytes()
     assert not list(out.glob(".*"))
 
 

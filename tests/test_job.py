@@ -187,15 +187,36 @@ def test_shards_read_back_with_dali(baseline_run):
     assert got == sorted(list(range(NUM_CLASSES)) * 2)
 
 
-def test_a_crash_leaves_no_finished_looking_output(write_job, tmp_path, monkeypatch):
+def test_a_crash_leaves_no_finished_looking_output_and_resumes(baseline_run, write_job, tmp_path, monkeypatch):
     import rded.distill as distill
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(distill, "write_contact_sheet", boom)
-    out = tmp_path / "crashed"
-    with pytest.raises(RuntimeError, match="disk on fire"):
+    with monkeypatch.context() as m:
+        m.setattr(distill, "write_contact_sheet", boom)
+        out = tmp_path / "crashed"
+        with pytest.raises(RuntimeError, match="disk on fire"):
+            run_distill(load_job(write_job()), out)
+    # only the hidden staging folder, with the committed work, is left
+    assert [p.name for p in out.iterdir()] == [".rded-staging"]
+    assert run_distill(load_job(write_job()), out, resume=True) is not None
+    assert shards_of(out) == shards_of(baseline_run)
+    assert (out / "samples.tsv").read_bytes() == (baseline_run / "samples.tsv").read_bytes()
+    report = json.loads((out / "report.json").read_text())["checkpoint"]
+    assert report["resumed"] and report["units_reused"]["output_shards"] == len(shards_of(out))
+    assert "output_shards" not in report["units_computed"]
+
+
+def test_a_failure_before_any_commit_leaves_nothing(write_job, tmp_path, monkeypatch):
+    import rded.distill as distill
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("observer on fire")
+
+    monkeypatch.setattr(distill, "key_patches", boom)
+    out = tmp_path / "early"
+    with pytest.raises(RuntimeError, match="observer on fire"):
         run_distill(load_job(write_job()), out)
     assert list(out.iterdir()) == []
 

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
 # Each module's layer: a module may import modules of its own layer or below, never above.
 LAYERS = [
     {"errors", "keyed", "records", "geometry", "normalization", "tario", "streams", "labels", "heap", "models", "runtime"},
-    {"config", "rundir", "report", "dist"},
+    {"config", "rundir", "report", "dist", "checkpoint"},
     {"source", "select", "crops", "observer", "score", "write", "refine", "relabel", "loader", "synthetic", "train"},
     {"distill"},
     {"evaluate", "bench", "demo"},
