@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-out/precision}; shift || true
-STEPS=${*:-bench job fidelity refine train compile students}
+STEPS=${*:-bench job resume fidelity refine train compile students}
 RDED=.venv/bin/rded
 PY=.venv/bin/python
 VAL="../shared/data/imagewoof/val-{000000..000001}.tar"
@@ -25,23 +25,43 @@ if has bench; then
       --set distill.subset=30 --set relabel.enabled=false --set runtime.progress=false --set distill.score_mode=$mode
   done
 fi
-if has job; then  # the whole job at the paper's settings (V = 300)
+if has job; then  # the whole job at the paper's settings (V = 300); the staging folder's size every 2 s
   for p in bf16 fp32; do
     [ -f "$OUT/job-$p/manifest.json" ] && continue
     log "job $p"
+    ( while sleep 2; do du -sb "$OUT/job-$p/.rded-staging" 2>/dev/null | cut -f1; done > "$OUT/job-$p.staging-bytes" ) &
+    poll=$!
     $RDED distill jobs/imagewoof.toml --out "$OUT/job-$p" --set runtime.precision=$p --set runtime.progress=false --overwrite
+    kill $poll 2>/dev/null || true
+  done
+fi
+if has resume && [ ! -f "$OUT/resume/manifest.json" ]; then
+  # the bf16 job SIGKILLed at a seeded random point of its uninterrupted time, then resumed
+  total=$($PY -c "import json; print(json.load(open('$OUT/job-bf16/report.json'))['seconds'])")
+  at=$($PY -c "import random; print(round(random.Random(0).uniform(0.05, 0.95) * $total))")
+  log "resume: kill at ${at} s of ${total} s"
+  t0=$SECONDS
+  timeout -s KILL "$at" $RDED distill jobs/imagewoof.toml --out "$OUT/resume" --set runtime.precision=bf16 \
+    --set runtime.progress=false --overwrite || true
+  killed=$((SECONDS - t0)); t0=$SECONDS
+  $RDED distill jobs/imagewoof.toml --out "$OUT/resume" --set runtime.precision=bf16 --set runtime.progress=false --resume
+  echo "{\"killed_at_s\": $killed, \"resume_s\": $((SECONDS - t0)), \"uninterrupted_s\": $total}" > "$OUT/resume.json"
+  for f in $(cd "$OUT/job-bf16" && ls *.tar manifest.json samples.tsv); do
+    cmp -s "$OUT/job-bf16/$f" "$OUT/resume/$f" || echo "resume: $f differs" >&2
   done
 fi
 if has fidelity && [ ! -f "$OUT/fidelity.json" ]; then
   log "fidelity"
   $PY benchmarks/precision_fidelity.py jobs/imagewoof.toml "$OUT/job-fp32" "$OUT/job-bf16" --out "$OUT/fidelity.json"
 fi
-if has refine; then  # 10 images (IPC 1), the authors' 2,000 iterations
+if has refine; then  # 10 images (IPC 1) with the README's CPU settings (S = 112, 400 iterations)
   for p in bf16 fp32; do
     [ -f "$OUT/refine-$p/manifest.json" ] && continue
     log "refine $p"
     $RDED distill jobs/imagewoof.toml --out "$OUT/refine-$p" --set runtime.precision=$p --set distill.ipc=1 \
-      --set distill.subset=30 --set refine.enabled=true --set relabel.enabled=false --set runtime.progress=false --overwrite
+      --set distill.subset=30 --set distill.resolution=112 --set refine.enabled=true --set refine.iterations=400 \
+      --set "refine.resolutions=[100,112,100,112]" --set refine.bn_weight=0.0001 --set refine.lr=0.05 \
+      --set relabel.enabled=false --set runtime.progress=false --overwrite
   done
 fi
 if has train && [ ! -f "$OUT/train-speed.json" ]; then

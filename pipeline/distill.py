@@ -19,7 +19,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ from .report import (DISTILLED, EXCLUDED, NOT_DRAWN, SCORED, SKIPPED, Ledger, Ti
                      merge_accounting, peak_rss_mib, progress_bar)
 from .rundir import (MANIFEST, MANIFEST_FORMAT, STAGING, ClassRecord, Manifest, ShardRecord, check_output,
                      discard_staging, make_staging, publish, write_json)
-from .runtime import ComputePolicy, resolve_devices
+from .runtime import ComputePolicy, refinement_precision, resolve_devices
 from .score import Scorer, cut_candidates, key_patches
 from .select import SubsetDraw
 from .source import (FirstOccurrence, canonical_order, expand_shards, load_classes, scan_shard,
@@ -497,8 +497,9 @@ def make_refiner(run: Run, observer: Observer) -> Refiner:
     """The refine stage's observers (the job's when refine.observers is empty), checked for BN layers now,
     before any data is read."""
     cfg = run.job.refine
-    observers = [observer] if not cfg.observers else [
-        build_observer(run.job, run.classes, run.compute, spec) for spec in cfg.observers]
+    compute = replace(run.compute, precision=refinement_precision(run.job.runtime.precision, run.device))
+    observers = [replace(observer, compute=compute)] if not cfg.observers else [
+        build_observer(run.job, run.classes, compute, spec) for spec in cfg.observers]
     return Refiner(cfg, observers, refine_observer_names(run.job), seed=run.job.distill.seed,
                    resolution=run.job.distill.resolution)
 
@@ -676,10 +677,12 @@ def finish(run: Run, result: WriteResult, label_stats: LabelStats, relabeler: Re
     if spool is not None:
         manifest.refine = {"settings": run.job.refine.model_dump(mode="json", exclude={"enabled", "observers"}),
                            "observers": refine_observer_names(run.job),
+                           "precision": refinement_precision(run.job.runtime.precision, run.device),
                            "batches": spool.records()}
         shutil.rmtree(spool.dir)
         stage = run.timings.stages.get("refine")
-        refine_report = {"seconds_per_image": round(stage.seconds / stage.items, 4) if stage and stage.items else None,
+        refine_report = {"precision": manifest.refine["precision"],
+                         "seconds_per_image": round(stage.seconds / stage.items, 4) if stage and stage.items else None,
                          "peak_gpu_mib": (round(torch.cuda.max_memory_allocated(run.device) / 2**20, 1)
                                           if run.device.type == "cuda" else None)}
     if relabeler is not None:

@@ -116,7 +116,7 @@ class Ledger:
 
 
 LEDGER_HEADER = "key\tshard\tstatus\treason\toffset\n"
-SORT_CHUNK = 500_000  # rows sorted in memory at once when assembling the ledger
+SORT_CHUNK = 200_000  # rows sorted in memory at once when assembling the ledger (~30 MB)
 
 
 def _sort_key(line: str) -> tuple[int, int, str]:

@@ -167,3 +167,28 @@ def test_a_state_dict_saved_from_channels_last_training_loads_contiguous(tmp_pat
     state = torch.load(tmp_path / "w.pt", weights_only=True)
     assert all(v.is_contiguous() and v.dtype in (torch.float32, torch.int64) for v in state.values())
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_auto_refines_in_fp32_on_the_cpu_and_scores_in_bf16(write_job, tmp_path, logged_observer, monkeypatch):
+    """Where bf16 loses (refinement's backward pass on the CPU), `auto` keeps fp32 for it; scoring and
+    relabelling (no gradient) run bf16. The manifest says which precision refined."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)  # auto = bf16 on any CPU
+    seen: list[tuple[bool, bool]] = []
+    logged_observer.calls = seen
+    hook_call = CallLog.__call__
+
+    def with_grad(self, module, inputs):
+        hook_call(self, module, inputs)
+        seen[-1] = (seen[-1][0], torch.is_grad_enabled())
+
+    monkeypatch.setattr(CallLog, "__call__", with_grad)
+    job = write_job(observer={"kind": "logged-cnn-test", "num_outputs": 3},
+                    refine={"enabled": True, "iterations": 2, "resolutions": [32], "jitter": 2},
+                    runtime={"precision": "auto", "progress": False})
+    run_distill(load_job(job), tmp_path / "out")
+    refine_calls = [bf16 for bf16, grad in seen if grad]
+    other_calls = [bf16 for bf16, grad in seen if not grad]
+    assert refine_calls and not any(refine_calls)
+    assert other_calls and all(other_calls[1:])  # the load-time probe aside
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["precision"] == "bf16" and manifest["refine"]["precision"] == "fp32"

@@ -204,3 +204,30 @@ def test_two_nodes_on_one_machine_give_the_single_process_run(baseline_run, writ
     assert run_files(out) == run_files(baseline_run)
     assert json.loads((out / "report.json").read_text())["ranks"] == 2
     shutil.rmtree(out)
+
+
+def test_ledger_parts_assemble_in_canonical_order_in_bounded_chunks(tmp_path, monkeypatch):
+    """Brute force: rows recorded in any order, across parts and sorted in chunks of 3, come out sorted by
+    (shard position, offset, row), with the accounting of the whole."""
+    import random
+
+    import rded.report as report
+
+    monkeypatch.setattr(report, "SORT_CHUNK", 3)
+    rows = [(f"k{i:02d}", i % 3, f"s{i % 3}", random.Random(i).randrange(-1, 50),
+             ["not_drawn", "skipped", "scored", "distilled"][i % 4]) for i in range(40)]
+    shuffled = random.Random(0).sample(rows, len(rows))
+    parts = []
+    for n, chunk in enumerate((shuffled[:17], shuffled[17:30], shuffled[30:])):
+        ledger = report.Ledger(tmp_path / f"part{n}.tsv")
+        for key, position, shard, offset, status in chunk:
+            ledger.record(key, shard, status, "undecodable" if status == "skipped" else "", offset, position)
+        ledger.close()
+        parts.append(ledger.path)
+    accounting = report.assemble_ledger(parts, tmp_path / "samples.tsv")
+    lines = (tmp_path / "samples.tsv").read_text().splitlines()
+    expected = sorted(rows, key=lambda r: (r[1], r[3] + 1, r[0]))
+    assert lines[0] == "key\tshard\tstatus\treason\toffset"
+    assert [line.split("\t")[0] for line in lines[1:]] == [r[0] for r in expected]
+    assert accounting["input_samples"] == 40 and accounting["skipped"] == {"undecodable": 10}
+    assert not list(tmp_path.glob(".ledger-*"))
