@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from .errors import JobError
-from .tario import atomic_path
+from .tario import write_bytes_atomic
 
 CHECKPOINT = ".checkpoint"
 RUN_FILE = "run.json"
@@ -174,18 +174,19 @@ class Checkpoint:
 
     @staticmethod
     def _write(path: Path, data: bytes) -> None:
-        tmp = atomic_path(path)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        _kill_switch("rename")
-        os.replace(tmp, path)
+        write_bytes_atomic(path, data, before_rename=lambda: _kill_switch("rename"))
 
-    def report(self) -> dict[str, Any]:
-        return {"resumed": self.resumed, "units_reused": dict(sorted(self.reused.items())),
-                "units_computed": dict(sorted(self.computed.items())),
-                "commit_seconds": round(self.commit_seconds, 3)}
+    @staticmethod
+    def report(parts: list[Checkpoint]) -> dict[str, Any]:
+        """What this attempt took from committed work and what it computed (every rank's parts), and the
+        time it spent committing."""
+        reused, computed = Counter(), Counter()
+        for c in parts:
+            reused.update(c.reused)
+            computed.update(c.computed)
+        return {"resumed": parts[0].resumed, "units_reused": dict(sorted((+reused).items())),
+                "units_computed": dict(sorted((+computed).items())),
+                "commit_seconds": round(sum(c.commit_seconds for c in parts), 3)}
 
 
 def event() -> None:

@@ -17,9 +17,9 @@ import re
 import shutil
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -129,13 +129,12 @@ class Run:
         """Ledger parts (every rank's, canonical order assembled at the end)."""
         return self.staging / ".ledger"
 
-    @property
+    @cached_property
     def position(self) -> np.ndarray:
         """Each shard's place in the canonical (by name) order, by shard index."""
-        if getattr(self, "_position", None) is None:
-            self._position = np.empty(len(self.shards), np.int64)
-            self._position[canonical_order(self.shards)] = np.arange(len(self.shards))
-        return self._position
+        position = np.empty(len(self.shards), np.int64)
+        position[canonical_order(self.shards)] = np.arange(len(self.shards))
+        return position
 
     @property
     def stream_spool(self) -> Path:
@@ -347,17 +346,14 @@ def source_and_select(run: Run) -> tuple[Rows[SampleRef], dict[int, int]]:
         log(f"{len(run.shards)} shards, {seen_all} samples indexed; {sum(len(v) for v in drawn.values())} drawn "
             f"({cfg.subset} per class at most, {len(drawn)} classes)"
             + (f"; {ranks.world} ranks" if ranks.world > 1 else ""))
-    return in_reading_order(run.shards, parts), {c: len(v) for c, v in drawn.items()}
+    return in_reading_order(run.position, parts), {c: len(v) for c, v in drawn.items()}
 
 
-def in_reading_order(shards: list[Shard], parts: list[Rows[SampleRef]]) -> Rows[SampleRef]:
-    """Drawn samples by (shard name, offset): sequential within a shard, and the same whatever order the
-    job lists its shards in."""
+def in_reading_order(position: np.ndarray, parts: list[Rows[SampleRef]]) -> Rows[SampleRef]:
+    """Drawn samples by (shard name, offset), `position` being each shard's place by name: sequential within
+    a shard, and the same whatever order the job lists its shards in."""
     rows = parts[0].concat(*parts[1:]).array
-    by_name = sorted(range(len(shards)), key=lambda i: shards[i].name)
-    name_rank = np.empty(len(shards), np.int64)
-    name_rank[by_name] = np.arange(len(shards))
-    return Rows(SampleRows, rows[np.lexsort((rows["offset"], name_rank[rows["shard"]]))])
+    return Rows(SampleRows, rows[np.lexsort((rows["offset"], position[rows["shard"]]))])
 
 
 @dataclass
@@ -632,18 +628,6 @@ def load_output_unit(run: Run, shard_no: int) -> tuple[WriteResult, LabelStats] 
     return part, LabelStats({float(t): v for t, v in record["kl_sums"]}, record["label_count"])
 
 
-def checkpoint_report(parts: Sequence[Checkpoint]) -> dict[str, Any]:
-    """What this attempt took from committed work and what it computed (every rank), and the time it spent
-    committing."""
-    reused, computed = Counter(), Counter()
-    for c in parts:
-        reused.update(c.reused)
-        computed.update(c.computed)
-    return {"resumed": parts[0].resumed, "units_reused": dict(sorted((+reused).items())),
-            "units_computed": dict(sorted((+computed).items())),
-            "commit_seconds": round(sum(c.commit_seconds for c in parts), 3)}
-
-
 def finish(run: Run, result: WriteResult, label_stats: LabelStats, relabeler: Relabeler | None,
            drawn_count: dict[int, int], scored: int, spool: Spool | None = None) -> Summary:
     """The run's records (manifest, report, ledger, contact sheet), written and published by the main rank."""
@@ -700,7 +684,7 @@ def finish(run: Run, result: WriteResult, label_stats: LabelStats, relabeler: Re
         "short_classes": short,
         "empty_classes": {"count": len(empty), "classes": empty},
         "end_to_end_images_per_s": round(scored / seconds, 2) if seconds else None,
-        "checkpoint": checkpoint_report(checkpoints),
+        "checkpoint": Checkpoint.report(checkpoints),
         **({"refine": refine_report} if refine_report else {}),
     })
     for scratch in (run.stream_spool, run.ledger_dir, run.checkpoint.dir):  # the last step before publishing

@@ -14,6 +14,8 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
+from .tario import atomic_path
+
 # Ledger statuses, in the order a sample can reach them.
 SKIPPED = "skipped"  # with a reason (shards/README.md lists them)
 EXCLUDED = "excluded_class"  # its class is not in data.class_subset
@@ -155,7 +157,7 @@ def assemble_ledger(parts: list[Path], out: Path) -> dict[str, Any]:
     examples: dict[str, list[str]] = {}
     files = [open(r, encoding="utf-8", newline="") for r in runs]
     try:
-        with open(atomic_ledger := out.with_name(f".{out.name}.partial"), "w", encoding="utf-8", newline="") as dst:
+        with open(atomic_ledger := atomic_path(out), "w", encoding="utf-8", newline="") as dst:
             dst.write(LEDGER_HEADER)
             for line in heapq.merge(*files, key=_sort_key):
                 row = line.split("\t", 2)[2]

@@ -35,12 +35,15 @@ def atomic_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.partial")
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
+def write_bytes_atomic(path: Path, data: bytes, before_rename: Callable[[], None] = lambda: None) -> None:
+    """`data` written whole and synced under a temporary name, then renamed into place (`before_rename`
+    runs in between: a test's kill point)."""
     tmp = atomic_path(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    before_rename()
     os.replace(tmp, path)
 
 
