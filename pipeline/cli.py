@@ -46,9 +46,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     labels = "online" if args.teacher_online else "hard" if args.hard_labels else "stored"
     fields = ("distilled", "val", "student", "epochs", "resolution", "batch_size", "lr", "temperature", "schedule",
-              "teacher_job", "seed", "workers", "device", "precision", "out")
+              "teacher_job", "seed", "workers", "device", "precision", "out", "checkpoint", "checkpoint_every",
+              "best_of_per_class")
     values = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
-    run_eval(command_config(EvalConfig, {**values, "labels": labels, "progress": not args.quiet}))
+    run_eval(command_config(EvalConfig, {**values, "labels": labels, "resume": args.resume,
+                                         "progress": not args.quiet}))
     return 0
 
 
@@ -120,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="data loader workers (default 2)")
     _compute_flags(p)
     p.add_argument("--out", default=None, help="also write the result JSON here")
+    p.add_argument("--checkpoint", default=None,
+                   help="training checkpoint file (student, optimiser, RNG, epoch); default: --out with suffix .ckpt")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="epochs between checkpoints (default 10)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the training in the checkpoint (the same settings); start one when there is none")
+    p.add_argument("--best-of-per-class", type=int, default=None,
+                   help="val images per class for the authors' best-of checks (default 50; 0: none)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval, command_parser=p)
 

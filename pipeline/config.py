@@ -284,7 +284,15 @@ class EvalConfig(_Command):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     out: Path | None = Field(None, description="also write the result JSON here")
+    checkpoint: Path | None = Field(None, description="the training checkpoint; default: --out with suffix .ckpt")
+    checkpoint_every: int = Field(10, ge=1, description="epochs between checkpoints (and one after the last)")
+    resume: bool = Field(False, description="continue the training saved in the checkpoint, if there is one")
+    best_of_per_class: int = Field(50, ge=0, description="val images per class of the best-of checks; 0: none")
     progress: bool = True
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return self.checkpoint or (self.out.with_suffix(".ckpt") if self.out else None)
 
 
 class TrainObserverConfig(_Command):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -17,11 +18,13 @@ from .config import EvalConfig, TrainObserverConfig, job_from_dict, load_job
 from .errors import OptionError
 from .loader import DistilledDataset
 from .observer import build_observer, check_observer
+from .keyed import keyed_u64
+from .records import SampleRef
 from .rundir import read_manifest, write_json
 from .runtime import ComputePolicy, resolve_devices
 from .source import load_classes, scan_shard
-from .train import (Recipe, TrainShards, ValShards, build_student, default_batch_size, default_lr, evaluate,
-                    save_student, train_student)
+from .train import (EpochLog, Recipe, TrainingCheckpoint, TrainShards, ValShards, build_student, default_batch_size,
+                    default_lr, evaluate, save_student, train_student)
 
 
 def expand_urls(option: str, patterns: list[str]) -> list[str]:
@@ -62,6 +65,27 @@ def online_teacher(run_dir: Path, job_path: Path | None, manifest_job: dict[str,
     return teacher
 
 
+def manifest_digest(run_dir: Path) -> str:
+    """The run's identity: its manifest pins every shard by sha256."""
+    return hashlib.sha256((run_dir / "manifest.json").read_bytes()).hexdigest()
+
+
+def best_of_subset(urls: list[str], num_classes: int, per_class: int, seed: int) -> list[str]:
+    """The authors' best-of validation subset: `per_class` samples of each class, those whose keyed hash of
+    (seed, key) is smallest; a pure function of the seed and the keys, whatever the shard order. Sorted."""
+    by_class: dict[int, list[tuple[int, str]]] = {}
+    for i, u in enumerate(urls):
+        for ref in scan_shard(i, Path(u)):
+            if isinstance(ref, SampleRef) and 0 <= ref.label < num_classes:
+                by_class.setdefault(ref.label, []).append((keyed_u64(seed, "best-of", ref.key), ref.key))
+    return sorted(key for members in by_class.values() for _, key in sorted(members)[:per_class])
+
+
+def best_of_checks(epochs: int, every: int = 10, last: float = 0.2) -> list[int]:
+    """Epochs (1-based) checked for best-of: every `every` in the last `last` of training, and the last."""
+    return sorted({e for e in range(1, epochs + 1) if e % every == 0 and e > (1 - last) * epochs} | {epochs})
+
+
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     manifest = read_manifest(cfg.distilled)
     urls = expand_urls("val", cfg.val)
@@ -78,9 +102,33 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     compute = compute_policy(cfg.device, cfg.precision)
     teacher = (online_teacher(cfg.distilled, cfg.teacher_job, manifest.job, compute) if cfg.labels == "online"
                else None)
+    subset = best_of_subset(urls, num_classes, cfg.best_of_per_class, cfg.seed) if cfg.best_of_per_class else []
+    checks = best_of_checks(recipe.epochs) if subset else []
+    checkpoint, state = None, None
+    if cfg.checkpoint_path:
+        # the same data (the manifest pins every shard's digest), recipe, precision and best-of subset
+        identity = {"distilled": manifest_digest(cfg.distilled), "recipe": asdict(recipe), "compute": compute.record(),
+                    "best_of_keys": subset, "val": [Path(u).name for u in urls]}
+        checkpoint = TrainingCheckpoint(cfg.checkpoint_path, identity, every=cfg.checkpoint_every,
+                                        extra={"checks": {}, "train_seconds": 0.0})
+        if cfg.checkpoint_path.exists() and not cfg.resume:
+            raise OptionError("checkpoint", f"{cfg.checkpoint_path} exists: pass --resume to continue that training, "
+                                            f"or delete it to start over")
+        state = checkpoint.load() if cfg.resume else None
+    elif cfg.resume:
+        raise OptionError("resume", "needs a checkpoint: give --checkpoint or --out")
+    record = checkpoint.extra if checkpoint else {"checks": {}, "train_seconds": 0.0}
+    subset_val = ValShards(urls, num_classes, resolution, keys=subset)
+
+    def check(log: EpochLog, model: torch.nn.Module) -> None:
+        record["train_seconds"] += log.seconds
+        if log.epoch + 1 in checks:
+            record["checks"][str(log.epoch + 1)] = evaluate(model, subset_val, workers=cfg.workers,
+                                                             compute=compute).top1
+
     started = time.perf_counter()
-    model = train_student(train_set, num_classes, recipe, compute=compute, teacher=teacher, progress=cfg.progress)
-    trained = time.perf_counter() - started
+    model = train_student(train_set, num_classes, recipe, compute=compute, teacher=teacher, progress=cfg.progress,
+                          on_epoch=check, checkpoint=checkpoint, resume=state)
     accuracy = evaluate(model, ValShards(urls, num_classes, resolution), workers=cfg.workers, compute=compute)
     result = {
         "distilled": str(cfg.distilled),
@@ -94,15 +142,30 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         "top5": round(accuracy.top5, 4),
         "val_samples": accuracy.count,
         "val_skipped": count_samples(urls) - accuracy.count,
-        "train_seconds": round(trained, 1),
+        "train_seconds": round(record["train_seconds"], 1),
+        "resumed_at_epoch": state["epoch"] if state else None,
         "seconds": round(time.perf_counter() - started, 1),
     }
+    if subset:
+        best_epoch = max(checks, key=lambda e: (record["checks"][str(e)], e))
+        result["best_of"] = {
+            "protocol": f"the best top-1 among checks every 10 epochs in the last 20 % of training (and the last), "
+                        f"on {cfg.best_of_per_class} val images per class drawn with the seed (the authors')",
+            "top1": round(record["checks"][str(best_epoch)], 4),
+            "epoch": best_epoch,
+            "checks": {e: round(record["checks"][str(e)], 4) for e in checks},
+            "per_class": cfg.best_of_per_class,
+            "seed": cfg.seed,
+            "keys": subset,
+        }
     if cfg.out:
         write_json(cfg.out, result)
     print(json.dumps(result, sort_keys=True))
+    best = (f"; best-of {100 * result['best_of']['top1']:.1f} % (epoch {result['best_of']['epoch']}, "
+            f"{len(subset)} images)" if subset else "")
     print(f"rded eval: {recipe.student} on {cfg.distilled} (IPC {result['ipc']}, {result['images']} images, "
           f"{cfg.labels} labels, {recipe.epochs} epochs at {resolution} px, {compute.precision}): top-1 {100 * accuracy.top1:.1f} %, "
-          f"top-5 {100 * accuracy.top5:.1f} % on {accuracy.count} validation images; "
+          f"top-5 {100 * accuracy.top5:.1f} % on {accuracy.count} validation images{best}; "
           f"{result['seconds']:.0f} s", file=sys.stderr)
     return result
 

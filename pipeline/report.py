@@ -27,10 +27,10 @@ EXAMPLES_PER_REASON = 20
 
 
 def progress_bar(total: int, what: str, *, unit: str = "img", enabled: bool = True,
-                 log_every_s: float = 15.0) -> tqdm:
+                 log_every_s: float = 15.0, initial: int = 0) -> tqdm:
     """A live bar on a terminal's stderr; in logs (stderr not a terminal) a line every `log_every_s`."""
     return tqdm(total=total, unit=unit, desc=f"rded: {what}", disable=not enabled, file=sys.stderr,
-                mininterval=0.5 if sys.stderr.isatty() else log_every_s)
+                mininterval=0.5 if sys.stderr.isatty() else log_every_s, initial=initial)
 
 
 def peak_rss_mib() -> float:

@@ -12,7 +12,7 @@ import io
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from .checkpoint import _kill_switch
+from .errors import OptionError
 from .keyed import keyed_u64, random_resized_crop
 from .models import torchvision_classifier
 from .normalization import IMAGENET
@@ -107,18 +109,68 @@ class EpochLog:
     seconds: float
 
 
+@dataclass
+class TrainingCheckpoint:
+    """A student training's resumable state in one file, written atomically every `every` epochs and after
+    the last: the student, the optimiser, the global RNG, the epochs done (the schedule is a function of the
+    epoch, and every per-epoch draw a function of (seed, epoch)), and `extra`, the caller's own record
+    (for `rded eval`, its best-of checks). `identity` is what a resume must match: the recipe, the data,
+    the precision."""
+
+    path: Path
+    identity: dict
+    every: int = 10
+    extra: dict = field(default_factory=dict)
+
+    def load(self) -> dict | None:
+        """The saved state, None when there is none; one for another training is refused."""
+        if not self.path.is_file():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            saved = state["identity"]
+        except Exception as e:  # a damaged file: torch and zipfile raise many types
+            raise OptionError("checkpoint", f"{self.path} cannot be read ({type(e).__name__}: {e}); "
+                                            f"delete it to start the training over") from None
+        if saved != self.identity:
+            differ = sorted(k for k in self.identity.keys() | saved.keys() if saved.get(k) != self.identity.get(k))
+            raise OptionError("resume", f"{self.path} is the checkpoint of another training ({', '.join(differ)} "
+                                        f"differ); use the same settings, or another --checkpoint")
+        self.extra = state["extra"]
+        return state
+
+    def due(self, epochs_done: int, epochs: int) -> bool:
+        return epochs_done == epochs or (self.every > 0 and epochs_done % self.every == 0)
+
+    def save(self, epochs_done: int, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+        buf = io.BytesIO()
+        torch.save({"identity": self.identity, "epoch": epochs_done, "model": model.state_dict(),
+                    "optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "extra": self.extra}, buf)
+        write_bytes_atomic(self.path, buf.getvalue(), before_rename=lambda: _kill_switch("rename"))
+        _kill_switch("epoch")
+
+
 def train_student(train_set: Dataset, num_classes: int, recipe: Recipe, *,
                   compute: ComputePolicy = ComputePolicy(torch.device("cpu")),
                   teacher: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                  progress: bool = True, on_epoch: Callable[[EpochLog, nn.Module], None] | None = None) -> nn.Module:
+                  progress: bool = True, on_epoch: Callable[[EpochLog, nn.Module], None] | None = None,
+                  checkpoint: TrainingCheckpoint | None = None, resume: dict | None = None) -> nn.Module:
     """Train a student from scratch, every forward pass under `compute` (the loss and the optimiser in fp32).
     `train_set` yields (uint8 CHW view, label) with label a probability vector at T (stored), or a class
-    index (hard, or online: then `teacher` maps a uint8 batch to logits)."""
+    index (hard, or online: then `teacher` maps a uint8 batch to logits). `resume` (a state `checkpoint`
+    loaded) continues a training where it stopped; the result is the uninterrupted training's, bit for bit."""
     torch.manual_seed(recipe.seed)
     model = compute.prepare(build_student(recipe.student, num_classes))
     opt = torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=(0.9, 0.999))
-    bar = progress_bar(recipe.epochs, f"training {recipe.student}", unit="epoch", enabled=progress, log_every_s=30.0)
-    for epoch in range(recipe.epochs):
+    start = 0
+    if resume:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        torch.set_rng_state(resume["rng"])
+        start = resume["epoch"]
+    bar = progress_bar(recipe.epochs, f"training {recipe.student}", unit="epoch", enabled=progress, log_every_s=30.0,
+                       initial=start)
+    for epoch in range(start, recipe.epochs):
         started = time.perf_counter()
         lr = recipe.lr * lr_factor(epoch, recipe.epochs, recipe.schedule)
         for group in opt.param_groups:
@@ -157,13 +209,17 @@ def train_student(train_set: Dataset, num_classes: int, recipe: Recipe, *,
         bar.update(1)
         if on_epoch:
             on_epoch(log, model)
+        if checkpoint and checkpoint.due(epoch + 1, recipe.epochs):
+            checkpoint.save(epoch + 1, model, opt)
     bar.close()
     return model.eval()
 
 
-def labelled_images(urls: Sequence[str], num_classes: int, shuffle: int = 0, rng=None):
+def labelled_images(urls: Sequence[str], num_classes: int, shuffle: int = 0, rng=None,
+                    keys: frozenset[str] | None = None):
     """(RGB PIL image, class, key) from WebDataset shards, skipping samples that do not decode or have no
-    label in [0, num_classes) (evaluation reports how many were skipped, from the shards' sample count)."""
+    label in [0, num_classes) (evaluation reports how many were skipped, from the shards' sample count);
+    with `keys`, only those samples (the others are not decoded)."""
     import webdataset as wds
     from PIL import Image
 
@@ -171,6 +227,8 @@ def labelled_images(urls: Sequence[str], num_classes: int, shuffle: int = 0, rng
     if shuffle:
         ds = ds.shuffle(shuffle, rng=rng)
     for sample in ds:
+        if keys is not None and sample["__key__"] not in keys:
+            continue
         encoded = next((sample[e] for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
         try:
             label = int(sample["cls"])
@@ -212,17 +270,19 @@ class TrainShards(IterableDataset):
 
 
 class ValShards(IterableDataset):
-    """Validation shards as (uint8 CHW, class): Resize(S * 8/7) then CenterCrop(S), as the authors do."""
+    """Validation shards as (uint8 CHW, class): Resize(S * 8/7) then CenterCrop(S), as the authors do;
+    with `keys`, only those samples."""
 
-    def __init__(self, urls: Sequence[str], num_classes: int, resolution: int):
+    def __init__(self, urls: Sequence[str], num_classes: int, resolution: int, keys: Sequence[str] | None = None):
         self.urls, self.num_classes, self.resolution = list(urls), num_classes, resolution
+        self.keys = frozenset(keys) if keys is not None else None
 
     def __iter__(self):
         from torchvision.transforms import v2
 
         tf = v2.Compose([v2.PILToTensor(), v2.Resize(int(self.resolution * 8 / 7), antialias=True),
                          v2.CenterCrop(self.resolution)])
-        for image, label, key in labelled_images(self.urls, self.num_classes):
+        for image, label, key in labelled_images(self.urls, self.num_classes, keys=self.keys):
             yield tf(image), label, key
 
 
