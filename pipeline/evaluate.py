@@ -107,7 +107,9 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     checkpoint, state = None, None
     if cfg.checkpoint_path:
         # the same data (the manifest pins every shard's digest), recipe, precision and best-of subset
-        identity = {"distilled": manifest_digest(cfg.distilled), "recipe": asdict(recipe), "compute": compute.record(),
+        # (not the workers: training is the same for any number)
+        identity = {"distilled": manifest_digest(cfg.distilled),
+                    "recipe": {k: v for k, v in asdict(recipe).items() if k != "workers"}, "compute": compute.record(),
                     "best_of_keys": subset, "val": [Path(u).name for u in urls]}
         checkpoint = TrainingCheckpoint(cfg.checkpoint_path, identity, every=cfg.checkpoint_every,
                                         extra={"checks": {}, "train_seconds": 0.0})

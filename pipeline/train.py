@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from .checkpoint import _kill_switch
 from .errors import OptionError
@@ -150,6 +150,39 @@ class TrainingCheckpoint:
         _kill_switch("epoch")
 
 
+class EpochBatches(Sampler):
+    """Batches of (epoch, index) for the epoch set last, in a seeded shuffle of that epoch; drawn in the main
+    process, so one loader with persistent workers serves every epoch."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, 0
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+    def __iter__(self):
+        shuffle = torch.Generator().manual_seed(keyed_u64(self.seed, "train", self.epoch) >> 1)
+        order = torch.randperm(self.n, generator=shuffle).tolist()
+        for i in range(0, self.n, self.batch_size):
+            yield [(self.epoch, j) for j in order[i:i + self.batch_size]]
+
+
+class EpochItems(Dataset):
+    """A dataset with `set_epoch` (or none) indexed by (epoch, index)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]):
+        epoch, index = item
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        return self.dataset[index]
+
+
 def train_student(train_set: Dataset, num_classes: int, recipe: Recipe, *,
                   compute: ComputePolicy = ComputePolicy(torch.device("cpu")),
                   teacher: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -170,19 +203,24 @@ def train_student(train_set: Dataset, num_classes: int, recipe: Recipe, *,
         start = resume["epoch"]
     bar = progress_bar(recipe.epochs, f"training {recipe.student}", unit="epoch", enabled=progress, log_every_s=30.0,
                        initial=start)
+    if not isinstance(train_set, IterableDataset):
+        # one loader for every epoch: its workers persist (starting them each epoch cost more than the epoch
+        # itself at small IPC), and learn the epoch from each index
+        epoch_batches = EpochBatches(len(train_set), recipe.batch_size, recipe.seed)
+        loader = DataLoader(EpochItems(train_set), batch_sampler=epoch_batches, num_workers=recipe.workers,
+                            persistent_workers=recipe.workers > 0)
     for epoch in range(start, recipe.epochs):
         started = time.perf_counter()
         lr = recipe.lr * lr_factor(epoch, recipe.epochs, recipe.schedule)
         for group in opt.param_groups:
             group["lr"] = lr
-        if hasattr(train_set, "set_epoch"):
-            train_set.set_epoch(epoch)
-        generator = torch.Generator().manual_seed(keyed_u64(recipe.seed, "train", epoch) >> 1)
+        # CutMix draws from its own generator: a loader's draws depend on its workers
+        generator = torch.Generator().manual_seed(keyed_u64(recipe.seed, "cutmix", epoch) >> 1)
         if isinstance(train_set, IterableDataset):  # streamed shards shuffle themselves
+            train_set.set_epoch(epoch)
             loader = DataLoader(train_set, batch_size=recipe.batch_size, num_workers=recipe.workers)
         else:
-            loader = DataLoader(train_set, batch_size=recipe.batch_size, shuffle=True, generator=generator,
-                                num_workers=recipe.workers)
+            epoch_batches.epoch = epoch
         model.train()
         total, batches = 0.0, 0
         for images, labels in loader:

@@ -43,6 +43,39 @@ def test_trainer_learns_a_separable_toy_set():
     assert (pred == test.labels).float().mean().item() > 0.6  # chance is 1/3
 
 
+class EpochSquares(ColourSquares):
+    """ColourSquares whose images change with the epoch (as stored views do): each epoch shifts the colours."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, i):
+        image, label = super().__getitem__(i)
+        return (image.int() + 7 * getattr(self, "epoch", 0) - 20).clamp(0, 255).to(torch.uint8), label
+
+
+def test_training_is_the_same_for_any_worker_count():
+    """The shuffle, the epoch's views and CutMix are functions of (seed, epoch): loader workers change nothing."""
+    recipe = Recipe(student="resnet18", epochs=3, resolution=24, batch_size=8, labels="hard")
+    weights = []
+    for workers in (0, 1, 2):
+        seen = []
+        model = train_student(EpochSquares(20, 0), 3, Recipe(**{**recipe.__dict__, "workers": workers}),
+                              progress=False, on_epoch=lambda log, m: seen.append(log.loss))
+        weights.append((seen, model.state_dict()))
+    for seen, state in weights[1:]:
+        assert seen == weights[0][0]
+        assert all(torch.equal(state[k], weights[0][1][k]) for k in state)
+
+    class FrozenEpoch(EpochSquares):
+        def set_epoch(self, epoch: int) -> None:
+            pass
+
+    # the epoch does reach the workers: a set that ignores it trains to other weights
+    frozen = train_student(FrozenEpoch(20, 0), 3, Recipe(**{**recipe.__dict__, "workers": 2}), progress=False)
+    assert not all(torch.equal(v, weights[0][1][k]) for k, v in frozen.state_dict().items())
+
+
 def test_cutmix_keeps_the_stated_share_and_schedules_end_where_they_should():
     images = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 3, 20, 20).contiguous()
     for seed in range(20):
