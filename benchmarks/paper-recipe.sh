@@ -8,7 +8,7 @@
 #   data: the RDED and random IPC 50 sets and their slices (about 35 min on 2 CPU cores)
 #   ipc1: four rows (about 15 min); ipc10: three rows (about 45 min); native: scoring mode native, IPC 10
 #   (about 20 min); refine: RDED + refine at IPC 10 and its IPC 1 slice (about 60 min);
-#   ipc50: two rows (about 90 min each: one per 3-hour session, resumed with the same command)
+#   ipc50: two rows (75-90 min each on 2 cores: one per 3-hour session, resumed with the same command)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-out/paper-recipe}
