@@ -10,16 +10,14 @@ from pathlib import Path
 
 from .config import (BenchConfig, DemoConfig, EvalConfig, SliceConfig, TrainObserverConfig, command_config,
                      load_job)
-from .errors import OptionError, OutputExists, RdedError
-
-EXIT_BAD_INPUT = 2
+from .errors import EXIT_BAD_JOB, OptionError, OutputExists, RdedError
 
 
-def _err(msg: str) -> int:
+def _err(msg: str, code: int = EXIT_BAD_JOB) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     where = f" (rank {os.environ.get('RANK', '?')} of {world})" if world > 1 else ""
     print(f"rded: error{where}: {msg}", file=sys.stderr)
-    return EXIT_BAD_INPUT
+    return code
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
@@ -201,7 +199,7 @@ def _main(argv: list[str] | None = None) -> int:
     except OutputExists as e:
         return _err(f"{e}; pass --overwrite to replace it" if e.finished_run else str(e))
     except RdedError as e:
-        return _err(str(e))
+        return _err(str(e), e.exit_code)
     except KeyboardInterrupt:
         print("rded: interrupted; no finished output was left behind", file=sys.stderr)
         return 130

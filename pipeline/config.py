@@ -24,6 +24,10 @@ class DataConfig(_Section):
     train: list[str] = Field(min_length=1, description="shard paths or brace patterns")
     classes: str | None = Field(None, description="classes.json: list of {index, name, [imagenet_index]}")
     class_subset: list[int] | None = Field(None, description="only these dataset class indices")
+    broken_shards: Literal["fail", "skip"] = Field(
+        "fail", description="a shard that breaks off (truncated tar, a stream that still fails after the "
+                            "retries): fail the run (work kept, --resume continues), or skip: count its "
+                            "unread samples as skipped, name it in the manifest, publish and exit 3")
 
     @field_validator("train", mode="before")
     @classmethod
@@ -153,6 +157,16 @@ class RuntimeConfig(_Section):
     max_batch_pixels: int = Field(100_000_000, ge=1, description="source pixels decoded at once at most "
                                                                  "(bounds decode memory; does not change results)")
     progress: bool = True
+    retries: int = Field(5, ge=0, le=100, description="retries of a failed http(s):// or pipe: read (5xx, 429, "
+                                                      "a reset, a short read, a non-zero exit)")
+    connect_timeout: float = Field(30.0, gt=0, description="seconds to connect to an http(s):// source")
+    read_timeout: float = Field(60.0, gt=0, description="seconds a stream may stall before the read is retried")
+    stream_deadline: float = Field(3600.0, gt=0, description="seconds one shard's stream may take in all, "
+                                                            "retries included")
+    dist_timeout: float = Field(1800.0, gt=0, description="seconds a torchrun rank waits for the others at a "
+                                                         "collective before the run fails")
+    threads: int = Field(0, ge=0, description="intra-op threads of every model call; 0: torch's default (the "
+                                              "cores, or OMP_NUM_THREADS, which torchrun sets to 1)")
 
     @model_validator(mode="after")
     def _check(self) -> RuntimeConfig:
