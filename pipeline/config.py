@@ -159,6 +159,8 @@ class RuntimeConfig(_Section):
     progress: bool = True
     retries: int = Field(5, ge=0, le=100, description="retries of a failed http(s):// or pipe: read (5xx, 429, "
                                                       "a reset, a short read, a non-zero exit)")
+    retry_backoff: float = Field(1.0, ge=0, description="seconds before the first retry; doubled for each next one "
+                                                        "(at most 60), with a keyed jitter of up to +50 %")
     connect_timeout: float = Field(30.0, gt=0, description="seconds to connect to an http(s):// source")
     read_timeout: float = Field(60.0, gt=0, description="seconds a stream may stall before the read is retried")
     stream_deadline: float = Field(3600.0, gt=0, description="seconds one shard's stream may take in all, "
