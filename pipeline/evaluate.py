@@ -20,11 +20,11 @@ from .loader import DistilledDataset
 from .observer import build_observer, check_observer
 from .keyed import keyed_u64
 from .records import SampleRef
-from .rundir import read_manifest, write_json
+from .rundir import Manifest, read_manifest, write_json
 from .runtime import ComputePolicy, resolve_devices
 from .source import load_classes, scan_shard
-from .train import (EpochLog, Recipe, TrainingCheckpoint, TrainShards, ValShards, build_student, default_batch_size,
-                    default_lr, evaluate, save_student, train_student)
+from .train import (Accuracy, EpochLog, Recipe, TrainingCheckpoint, TrainShards, ValShards, build_student,
+                    default_batch_size, default_lr, evaluate, save_student, train_student)
 
 
 def expand_urls(option: str, patterns: list[str]) -> list[str]:
@@ -86,6 +86,65 @@ def best_of_checks(epochs: int, every: int = 10, last: float = 0.2) -> list[int]
     return sorted({e for e in range(1, epochs + 1) if e % every == 0 and e > (1 - last) * epochs} | {epochs})
 
 
+def eval_recipe(cfg: EvalConfig, manifest: Manifest, resolution: int, num_classes: int) -> Recipe:
+    """The training recipe: the command's settings, the authors' defaults for the rest."""
+    # the authors' batch size goes by the classes the set has: 10 of an observer's 1,000 are still 10
+    present = sum(1 for c in manifest.classes if c.images) or num_classes
+    return Recipe(student=cfg.student, epochs=cfg.epochs, resolution=resolution,
+                  batch_size=cfg.batch_size or default_batch_size(manifest.ipc, present),
+                  lr=cfg.lr or default_lr(cfg.student), temperature=cfg.temperature, schedule=cfg.schedule,
+                  labels=cfg.labels, seed=cfg.seed, workers=cfg.workers)
+
+
+def open_checkpoint(cfg: EvalConfig, recipe: Recipe, compute: ComputePolicy, subset: list[str],
+                    urls: list[str]) -> tuple[TrainingCheckpoint | None, dict | None]:
+    """The training's checkpoint (None without --checkpoint or --out) and, with --resume, its saved state."""
+    if not cfg.checkpoint_path:
+        if cfg.resume:
+            raise OptionError("resume", "needs a checkpoint: give --checkpoint or --out")
+        return None, None
+    # the same data (the manifest pins every shard's digest), recipe, precision and best-of subset
+    # (not the workers: training is the same for any number)
+    identity = {"distilled": manifest_digest(cfg.distilled),
+                "recipe": {k: v for k, v in asdict(recipe).items() if k != "workers"}, "compute": compute.record(),
+                "best_of_keys": subset, "val": [Path(u).name for u in urls]}
+    checkpoint = TrainingCheckpoint(cfg.checkpoint_path, identity, every=cfg.checkpoint_every,
+                                    extra={"checks": {}, "train_seconds": 0.0})
+    if cfg.checkpoint_path.exists() and not cfg.resume:
+        raise OptionError("checkpoint", f"{cfg.checkpoint_path} exists: pass --resume to continue that training, "
+                                        f"or delete it to start over")
+    return checkpoint, checkpoint.load() if cfg.resume else None
+
+
+def best_of_result(cfg: EvalConfig, record: dict[str, Any], checks: list[int], subset: list[str]) -> dict[str, Any]:
+    """The authors' best-of protocol's figure, with every check it chose from."""
+    best_epoch = max(checks, key=lambda e: (record["checks"][str(e)], e))
+    return {
+        "protocol": f"the best top-1 among checks every 10 epochs in the last 20 % of training (and the last), "
+                    f"on {cfg.best_of_per_class} val images per class drawn with the seed (the authors')",
+        "top1": round(record["checks"][str(best_epoch)], 4),
+        "epoch": best_epoch,
+        "checks": {e: round(record["checks"][str(e)], 4) for e in checks},
+        "per_class": cfg.best_of_per_class,
+        "seed": cfg.seed,
+        "keys": subset,
+    }
+
+
+def report_eval(cfg: EvalConfig, result: dict[str, Any], accuracy: Accuracy, resolution: int) -> None:
+    """The result as JSON (stdout, and --out) and one line for people (stderr)."""
+    if cfg.out:
+        write_json(cfg.out, result)
+    print(json.dumps(result, sort_keys=True))
+    best = result.get("best_of")
+    best_text = (f"; best-of {100 * best['top1']:.1f} % (epoch {best['epoch']}, {len(best['keys'])} images)"
+                 if best else "")
+    print(f"rded eval: {cfg.student} on {cfg.distilled} (IPC {result['ipc']}, {result['images']} images, "
+          f"{cfg.labels} labels, {cfg.epochs} epochs at {resolution} px, {result['compute']['precision']}): "
+          f"top-1 {100 * accuracy.top1:.1f} %, top-5 {100 * accuracy.top5:.1f} % on {accuracy.count} "
+          f"validation images{best_text}; {result['seconds']:.0f} s", file=sys.stderr)
+
+
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     manifest = read_manifest(cfg.distilled)
     urls = expand_urls("val", cfg.val)
@@ -93,32 +152,13 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     train_set = DistilledDataset(cfg.distilled, temperature=cfg.temperature, normalize=False, resolution=resolution,
                                  label="soft" if cfg.labels == "stored" else "class")
     num_classes = train_set.num_classes
-    # the authors' batch size goes by the classes the set has: 10 of an observer's 1,000 are still 10
-    present = sum(1 for c in manifest.classes if c.images) or num_classes
-    recipe = Recipe(student=cfg.student, epochs=cfg.epochs, resolution=resolution,
-                    batch_size=cfg.batch_size or default_batch_size(manifest.ipc, present),
-                    lr=cfg.lr or default_lr(cfg.student), temperature=cfg.temperature, schedule=cfg.schedule,
-                    labels=cfg.labels, seed=cfg.seed, workers=cfg.workers)
+    recipe = eval_recipe(cfg, manifest, resolution, num_classes)
     compute = compute_policy(cfg.device, cfg.precision)
     teacher = (online_teacher(cfg.distilled, cfg.teacher_job, manifest.job, compute) if cfg.labels == "online"
                else None)
     subset = best_of_subset(urls, num_classes, cfg.best_of_per_class, cfg.seed) if cfg.best_of_per_class else []
     checks = best_of_checks(recipe.epochs) if subset else []
-    checkpoint, state = None, None
-    if cfg.checkpoint_path:
-        # the same data (the manifest pins every shard's digest), recipe, precision and best-of subset
-        # (not the workers: training is the same for any number)
-        identity = {"distilled": manifest_digest(cfg.distilled),
-                    "recipe": {k: v for k, v in asdict(recipe).items() if k != "workers"}, "compute": compute.record(),
-                    "best_of_keys": subset, "val": [Path(u).name for u in urls]}
-        checkpoint = TrainingCheckpoint(cfg.checkpoint_path, identity, every=cfg.checkpoint_every,
-                                        extra={"checks": {}, "train_seconds": 0.0})
-        if cfg.checkpoint_path.exists() and not cfg.resume:
-            raise OptionError("checkpoint", f"{cfg.checkpoint_path} exists: pass --resume to continue that training, "
-                                            f"or delete it to start over")
-        state = checkpoint.load() if cfg.resume else None
-    elif cfg.resume:
-        raise OptionError("resume", "needs a checkpoint: give --checkpoint or --out")
+    checkpoint, state = open_checkpoint(cfg, recipe, compute, subset, urls)
     record = checkpoint.extra if checkpoint else {"checks": {}, "train_seconds": 0.0}
     subset_val = ValShards(urls, num_classes, resolution, keys=subset)
 
@@ -149,26 +189,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - started, 1),
     }
     if subset:
-        best_epoch = max(checks, key=lambda e: (record["checks"][str(e)], e))
-        result["best_of"] = {
-            "protocol": f"the best top-1 among checks every 10 epochs in the last 20 % of training (and the last), "
-                        f"on {cfg.best_of_per_class} val images per class drawn with the seed (the authors')",
-            "top1": round(record["checks"][str(best_epoch)], 4),
-            "epoch": best_epoch,
-            "checks": {e: round(record["checks"][str(e)], 4) for e in checks},
-            "per_class": cfg.best_of_per_class,
-            "seed": cfg.seed,
-            "keys": subset,
-        }
-    if cfg.out:
-        write_json(cfg.out, result)
-    print(json.dumps(result, sort_keys=True))
-    best = (f"; best-of {100 * result['best_of']['top1']:.1f} % (epoch {result['best_of']['epoch']}, "
-            f"{len(subset)} images)" if subset else "")
-    print(f"rded eval: {recipe.student} on {cfg.distilled} (IPC {result['ipc']}, {result['images']} images, "
-          f"{cfg.labels} labels, {recipe.epochs} epochs at {resolution} px, {compute.precision}): top-1 {100 * accuracy.top1:.1f} %, "
-          f"top-5 {100 * accuracy.top5:.1f} % on {accuracy.count} validation images{best}; "
-          f"{result['seconds']:.0f} s", file=sys.stderr)
+        result["best_of"] = best_of_result(cfg, record, checks, subset)
+    report_eval(cfg, result, accuracy, resolution)
     return result
 
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -109,11 +109,39 @@ class EpochLog:
     seconds: float
 
 
+class TrainingRng:
+    """Every RNG a training draws from, as a checkpoint saves it: the global CPU one (initialisation, dropout and
+    other random layers), every CUDA device's when the student runs there, and the data loader's own generator.
+    The loader draws its workers' base seed when an iterator starts: each epoch, or once with persistent workers
+    (so at another epoch in a resumed training). Drawn from the global RNG, that would shift every later dropout
+    mask; from its own generator it shifts nothing the student draws."""
+
+    def __init__(self, seed: int, device: torch.device):
+        self.loader = torch.Generator().manual_seed(keyed_u64(seed, "loader") >> 1)
+        self.cuda = device.type == "cuda"
+
+    def state(self) -> dict[str, Any]:
+        state = {"cpu": torch.get_rng_state(), "loader": self.loader.get_state()}
+        if self.cuda:
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def restore(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["cpu"])
+        self.loader.set_state(state["loader"])
+        if self.cuda:  # the checkpoint's identity pins the device type, so a CUDA training saved "cuda"
+            torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
+
+
+# 2: "rng" holds every generator (TrainingRng); 1 (no "format" key) held the global CPU RNG alone
+CHECKPOINT_FORMAT = 2
+
+
 @dataclass
 class TrainingCheckpoint:
     """A student training's resumable state in one file, written atomically every `every` epochs and after
-    the last: the student, the optimiser, the global RNG, the epochs done (the schedule is a function of the
-    epoch, and every per-epoch draw a function of (seed, epoch)), and `extra`, the caller's own record
+    the last: the student, the optimiser, every RNG (`TrainingRng`), the epochs done (the schedule is a function
+    of the epoch, and every per-epoch draw a function of (seed, epoch)), and `extra`, the caller's own record
     (for `rded eval`, its best-of checks). `identity` is what a resume must match: the recipe, the data,
     the precision."""
 
@@ -132,6 +160,11 @@ class TrainingCheckpoint:
         except Exception as e:  # a damaged file: torch and zipfile raise many types
             raise OptionError("checkpoint", f"{self.path} cannot be read ({type(e).__name__}: {e}); "
                                             f"delete it to start the training over") from None
+        if state.get("format") != CHECKPOINT_FORMAT:
+            # an older one lacks the loader's and CUDA's RNG states: it cannot continue the training bit for bit
+            raise OptionError("resume", f"{self.path} is a checkpoint of format {state.get('format', 1)}, written by "
+                                        f"another version of rded (this one reads format {CHECKPOINT_FORMAT}); "
+                                        f"delete it to start the training over")
         if saved != self.identity:
             differ = sorted(k for k in self.identity.keys() | saved.keys() if saved.get(k) != self.identity.get(k))
             raise OptionError("resume", f"{self.path} is the checkpoint of another training ({', '.join(differ)} "
@@ -142,10 +175,11 @@ class TrainingCheckpoint:
     def due(self, epochs_done: int, epochs: int) -> bool:
         return epochs_done == epochs or (self.every > 0 and epochs_done % self.every == 0)
 
-    def save(self, epochs_done: int, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    def save(self, epochs_done: int, model: nn.Module, opt: torch.optim.Optimizer, rng: TrainingRng) -> None:
         buf = io.BytesIO()
-        torch.save({"identity": self.identity, "epoch": epochs_done, "model": model.state_dict(),
-                    "optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "extra": self.extra}, buf)
+        torch.save({"format": CHECKPOINT_FORMAT, "identity": self.identity, "epoch": epochs_done,
+                    "model": model.state_dict(), "optimizer": opt.state_dict(), "rng": rng.state(),
+                    "extra": self.extra}, buf)
         write_bytes_atomic(self.path, buf.getvalue(), before_rename=lambda: _kill_switch("rename"))
         _kill_switch("epoch")
 
@@ -183,6 +217,45 @@ class EpochItems(Dataset):
         return self.dataset[index]
 
 
+def epoch_loaders(train_set: Dataset, recipe: Recipe, generator: torch.Generator) -> Callable[[int], DataLoader]:
+    """The loader of each epoch; its workers' seeds come from `generator`, never from the global RNG."""
+    if isinstance(train_set, IterableDataset):  # streamed shards shuffle themselves
+
+        def streamed(epoch: int) -> DataLoader:
+            train_set.set_epoch(epoch)
+            return DataLoader(train_set, batch_size=recipe.batch_size, num_workers=recipe.workers, generator=generator)
+
+        return streamed
+    # one loader for every epoch: its workers persist (starting them each epoch cost more than the epoch
+    # itself at small IPC), and learn the epoch from each index
+    epoch_batches = EpochBatches(len(train_set), recipe.batch_size, recipe.seed)
+    loader = DataLoader(EpochItems(train_set), batch_sampler=epoch_batches, num_workers=recipe.workers,
+                        persistent_workers=recipe.workers > 0, generator=generator)
+
+    def indexed(epoch: int) -> DataLoader:
+        epoch_batches.epoch = epoch
+        return loader
+
+    return indexed
+
+
+def batch_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cutmix_rng: torch.Generator,
+               recipe: Recipe, compute: ComputePolicy,
+               teacher: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+    """The loss of one CutMix batch against its labels (stored soft, the teacher's, or hard classes)."""
+    mixed, perm, lam = cutmix(images, cutmix_rng)
+    mixed, labels = mixed.to(compute.device), labels.to(compute.device)
+    logits = compute(model, IMAGENET(mixed))
+    if recipe.labels == "online":
+        with torch.inference_mode():
+            target = F.softmax(teacher(mixed) / recipe.temperature, dim=1)
+        # an inference-mode tensor cannot be saved for backward: the clone is a normal tensor
+        return soft_target_loss(logits, target.clone(), recipe.temperature)
+    if recipe.labels == "stored":
+        return soft_target_loss(logits, lam * labels + (1 - lam) * labels[perm], recipe.temperature)
+    return lam * F.cross_entropy(logits, labels) + (1 - lam) * F.cross_entropy(logits, labels[perm])
+
+
 def train_student(train_set: Dataset, num_classes: int, recipe: Recipe, *,
                   compute: ComputePolicy = ComputePolicy(torch.device("cpu")),
                   teacher: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -195,48 +268,27 @@ def train_student(train_set: Dataset, num_classes: int, recipe: Recipe, *,
     torch.manual_seed(recipe.seed)
     model = compute.prepare(build_student(recipe.student, num_classes))
     opt = torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=(0.9, 0.999))
+    rng = TrainingRng(recipe.seed, compute.device)
     start = 0
     if resume:
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
-        torch.set_rng_state(resume["rng"])
+        rng.restore(resume["rng"])
         start = resume["epoch"]
     bar = progress_bar(recipe.epochs, f"training {recipe.student}", unit="epoch", enabled=progress, log_every_s=30.0,
                        initial=start)
-    if not isinstance(train_set, IterableDataset):
-        # one loader for every epoch: its workers persist (starting them each epoch cost more than the epoch
-        # itself at small IPC), and learn the epoch from each index
-        epoch_batches = EpochBatches(len(train_set), recipe.batch_size, recipe.seed)
-        loader = DataLoader(EpochItems(train_set), batch_sampler=epoch_batches, num_workers=recipe.workers,
-                            persistent_workers=recipe.workers > 0)
+    loader_of = epoch_loaders(train_set, recipe, rng.loader)
     for epoch in range(start, recipe.epochs):
         started = time.perf_counter()
         lr = recipe.lr * lr_factor(epoch, recipe.epochs, recipe.schedule)
         for group in opt.param_groups:
             group["lr"] = lr
         # CutMix draws from its own generator: a loader's draws depend on its workers
-        generator = torch.Generator().manual_seed(keyed_u64(recipe.seed, "cutmix", epoch) >> 1)
-        if isinstance(train_set, IterableDataset):  # streamed shards shuffle themselves
-            train_set.set_epoch(epoch)
-            loader = DataLoader(train_set, batch_size=recipe.batch_size, num_workers=recipe.workers)
-        else:
-            epoch_batches.epoch = epoch
+        cutmix_rng = torch.Generator().manual_seed(keyed_u64(recipe.seed, "cutmix", epoch) >> 1)
         model.train()
         total, batches = 0.0, 0
-        for images, labels in loader:
-            mixed, perm, lam = cutmix(images, generator)
-            mixed, labels = mixed.to(compute.device), labels.to(compute.device)
-            logits = compute(model, IMAGENET(mixed))
-            if recipe.labels == "online":
-                with torch.inference_mode():
-                    target = F.softmax(teacher(mixed) / recipe.temperature, dim=1)
-                # an inference-mode tensor cannot be saved for backward: the clone is a normal tensor
-                loss = soft_target_loss(logits, target.clone(), recipe.temperature)
-            elif recipe.labels == "stored":
-                target = lam * labels + (1 - lam) * labels[perm]
-                loss = soft_target_loss(logits, target, recipe.temperature)
-            else:
-                loss = lam * F.cross_entropy(logits, labels) + (1 - lam) * F.cross_entropy(logits, labels[perm])
+        for images, labels in loader_of(epoch):
+            loss = batch_loss(model, images, labels, cutmix_rng, recipe, compute, teacher)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -248,7 +300,7 @@ def train_student(train_set: Dataset, num_classes: int, recipe: Recipe, *,
         if on_epoch:
             on_epoch(log, model)
         if checkpoint and checkpoint.due(epoch + 1, recipe.epochs):
-            checkpoint.save(epoch + 1, model, opt)
+            checkpoint.save(epoch + 1, model, opt, rng)
     bar.close()
     return model.eval()
 
@@ -335,7 +387,9 @@ class Accuracy:
 def evaluate(model: nn.Module, val: ValShards, *, batch_size: int = 100, workers: int = 0,
              compute: ComputePolicy = ComputePolicy(torch.device("cpu"))) -> Accuracy:
     """Top-1 and top-5 over every validation sample, each once (checked by key), the model run under `compute`."""
-    loader = DataLoader(val, batch_size=batch_size, num_workers=min(workers, len(val.urls)))
+    # its own generator: evaluating between epochs takes nothing from the training's global RNG
+    loader = DataLoader(val, batch_size=batch_size, num_workers=min(workers, len(val.urls)),
+                        generator=torch.Generator().manual_seed(0))
     correct1 = correct5 = count = 0
     keys: set[str] = set()
     duplicate = False

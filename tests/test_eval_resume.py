@@ -119,6 +119,10 @@ def test_checkpoints_of_another_training_are_refused(baseline_run, val_dir, unin
     assert other.returncode == 2 and "another training (recipe differ)" in other.stderr
     exists = rded_eval(baseline_run, val_dir, out)
     assert exists.returncode == 2 and "--resume" in exists.stderr
+    older = {k: v for k, v in final_state(uninterrupted).items() if k != "format"}
+    torch.save({**older, "rng": older["rng"]["cpu"]}, ckpt)  # format 1: the global CPU RNG alone
+    old_format = rded_eval(baseline_run, val_dir, out, "--resume")
+    assert old_format.returncode == 2 and "checkpoint of format 1" in old_format.stderr
     ckpt.write_bytes(ckpt.read_bytes()[:1000])
     damaged = rded_eval(baseline_run, val_dir, out, "--resume")
     assert damaged.returncode == 2 and "cannot be read" in damaged.stderr
@@ -126,3 +130,26 @@ def test_checkpoints_of_another_training_are_refused(baseline_run, val_dir, unin
                                     str(val_dir / "val-000000.tar"), "--resume", "--quiet"],
                                    capture_output=True, text=True, timeout=600)
     assert no_checkpoint.returncode == 2 and "--checkpoint or --out" in no_checkpoint.stderr
+
+
+def test_a_student_with_dropout_resumes_bit_for_bit_with_loader_workers(baseline_run, val_dir, tmp_path):
+    """Dropout draws from the global RNG on every training step; loader workers start once (persistent), so a
+    resumed training starts them at another epoch: the loader must not draw from that RNG, or the resumed
+    dropout masks differ from the uninterrupted training's."""
+    student = ("--student", "mobilenet_v3_small", "--workers", "2")
+    assert any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in build_student(student[1], NUM_CLASSES).modules())
+    reference, out = tmp_path / "once" / "r.json", tmp_path / "killed" / "r.json"
+    reference.parent.mkdir()
+    out.parent.mkdir()
+    done = rded_eval(baseline_run, val_dir, reference, *student)
+    assert done.returncode == 0, done.stderr
+    assert rded_eval(baseline_run, val_dir, out, *student, kill="epoch:1").returncode == -9
+    resumed = rded_eval(baseline_run, val_dir, out, *student, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = final_state(reference), final_state(out)
+    assert json.loads(out.read_text())["resumed_at_epoch"] == 2
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "weights differ"
+    # not the loader's generator: persistent workers draw their seeds once, when this process's first epoch starts
+    # (so the resumed training draws once more); nothing the workers do uses them
+    assert same_tensors(a["optimizer"], b["optimizer"]) and torch.equal(a["rng"]["cpu"], b["rng"]["cpu"])
