@@ -7,6 +7,7 @@ run from anywhere. Every problem is raised as one `JobError` naming the key, bef
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -16,8 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import JobError, OptionError
 
 class _Section(BaseModel):
-    # Unknown keys are a mistake (a typo would otherwise silently keep a default).
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Unknown keys are a mistake (a typo would otherwise silently keep a default), and so is a wrong type:
+    # strict, so that `crops = true` or `seed = "0"` is an error rather than 1 and 0 (an integer is still a
+    # float: `lr = 1`).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class DataConfig(_Section):
@@ -212,11 +215,11 @@ class JobConfig(_Section):
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`section.key=value` with value parsed as a TOML value, or taken as a plain string."""
     if "=" not in item:
-        raise JobError(f"--set {item!r}: expected section.key=value")
+        raise JobError(f"--set {item}: expected section.key=value")
     dotted, raw = item.split("=", 1)
     keys = [k.strip() for k in dotted.split(".")]
     if len(keys) < 2 or not all(keys):
-        raise JobError(f"--set {item!r}: expected section.key=value")
+        raise JobError(f"--set {item}: expected section.key=value")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
@@ -224,17 +227,84 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return keys, value
 
 
-def _format_validation(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid job"]
+# what a key of each type expects, in the job file's words (the sections are strict: no coercion)
+_EXPECTED = {
+    "int_type": "expected an integer",
+    "bool_type": "expected true or false",
+    "float_type": "expected a number",
+    "string_type": "expected a string",
+    "list_type": "expected a list",
+    "model_type": "expected a table",
+    "model_attributes_type": "expected a table",
+    "dict_type": "expected a table",
+    "greater_than_equal": "must be at least {ge}",
+    "greater_than": "must be greater than {gt}",
+    "less_than_equal": "must be at most {le}",
+    "less_than": "must be less than {lt}",
+    "too_short": "needs at least {min_length} item(s)",
+}
+
+
+def _toml_value(v: Any) -> str:
+    """A value as it is written in TOML (`true`, `"0"`, `[1, 2]`), for messages."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    if hasattr(v, "isoformat"):  # TOML dates and times
+        return v.isoformat()
+    return repr(v)
+
+
+def _key_name(loc: tuple) -> str:
+    """("refine", "observers", 0, "kind") -> refine.observers[0].kind"""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _source_of(loc: tuple, source: str, overrides: list[tuple[str, list[str]]]) -> str:
+    """Where the value at `loc` came from: the last `--set` that set it (or a table above it), else the
+    job file; a problem of a whole table that a `--set` changed names both."""
+    path = tuple(str(p) for p in loc)
+    setting = [item for item, keys in overrides if tuple(keys) == path[:len(keys)]]
+    if setting:
+        return f"--set {setting[-1]}"
+    touching = [item for item, keys in overrides if tuple(keys[:len(path)]) == path]
+    if touching and len(path) >= 2:  # a key that a --set made a table, by setting a key under it
+        return f"--set {touching[-1]}"
+    if touching:
+        return f"{source} with " + ", ".join(f"--set {item}" for item in touching)
+    return source
+
+
+def _format_validation(err: ValidationError, source: str, overrides: list[tuple[str, list[str]]] = ()) -> str:
+    """One line per problem, `SOURCE: key: what is wrong, got VALUE`, SOURCE being the job file or the
+    `--set section.key=value` that gave the value."""
+    problems = []
     for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
+        kind, value = e["type"], e["input"]
+        if kind == "extra_forbidden":
             msg = "unknown key"
-        elif e["type"] == "missing":
+        elif kind == "missing":
             msg = "required key is missing"
-        lines.append(f"  {where}: {msg}" + (f" (got {e['input']!r})" if e["type"] not in ("missing", "extra_forbidden") and not isinstance(e["input"], dict) else ""))
-    return "\n".join(lines)
+        elif kind in _EXPECTED:
+            msg = _EXPECTED[kind].format(**e.get("ctx", {}))
+        elif kind == "literal_error":
+            msg = f"expected {e['ctx']['expected']}"
+        else:
+            msg = e["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        if kind not in ("missing", "extra_forbidden") and not isinstance(value, dict):
+            msg += f", got {_toml_value(value)}"
+        problems.append(f"{_source_of(e['loc'], source, list(overrides))}: {_key_name(e['loc'])}: {msg}")
+    if len(problems) == 1:
+        return problems[0]
+    return f"invalid job ({len(problems)} problems):\n" + "\n".join(f"  {p}" for p in problems)
 
 
 def load_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:
@@ -251,20 +321,22 @@ def load_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:
 def job_from_dict(raw: dict[str, Any], *, base_dir: Path, overrides: list[str] = (),
                   source: str = "job") -> JobConfig:
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    applied: list[tuple[str, list[str]]] = []
     for item in overrides:
         keys, value = parse_override(item)
         node = raw
-        for k in keys[:-1]:
+        for i, k in enumerate(keys[:-1]):
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
-                raise JobError(f"--set {item!r}: {k} is not a section")
+                raise JobError(f"--set {item}: {'.'.join(keys[:i + 1])} is not a table")
         node[keys[-1]] = value
+        applied.append((item, keys))
     if "base_dir" in raw:
         raise JobError(f"{source}: base_dir is not a job key")
     try:
         return JobConfig.model_validate({**raw, "base_dir": str(base_dir)})
     except ValidationError as e:
-        raise JobError(_format_validation(e, source)) from None
+        raise JobError(_format_validation(e, source, applied)) from None
 
 
 # -- the other commands' settings (the command line fills them from its flags)

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
+import re
 import signal
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -41,10 +45,68 @@ def exit_cleanly_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
-def resolve_devices(device: str, decoder: str) -> tuple[torch.device, str]:
-    """The torch device and DALI decoder for `runtime.device` / `runtime.decoder` ("auto": CUDA when present)."""
+_NO_GPU_VALUES = ("", "void", "none")
+
+
+def gpus_seen(environ: Mapping[str, str] | None = None, dev: str | Path = "/dev") -> list[str]:
+    """What says that this machine (or container) was given NVIDIA GPUs: NVIDIA_VISIBLE_DEVICES set to
+    something other than empty, `void` or `none` (the container toolkit and the Kubernetes device plugin
+    set it), and /dev/nvidia0, /dev/nvidia1, ... device files. Empty where there is no sign of a GPU."""
+    environ = os.environ if environ is None else environ
+    seen = []
+    visible = environ.get("NVIDIA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip().lower() not in _NO_GPU_VALUES:
+        seen.append(f"NVIDIA_VISIBLE_DEVICES={visible}")
+    try:
+        files = sorted(p for p in Path(dev).iterdir() if re.fullmatch(r"nvidia\d+", p.name))
+    except OSError:
+        files = []
+    seen.extend(str(p) for p in files)
+    return seen
+
+
+def cuda_unusable_reason(driver_version_file: str | Path = "/proc/driver/nvidia/version") -> str:
+    """Why torch cannot use CUDA here, as far as torch (and the kernel driver) can tell: a CPU-only torch,
+    or the error of CUDA's initialisation (no driver, a driver too old for torch's CUDA), with the
+    driver's version when it is loaded."""
+    if torch.version.cuda is None:
+        return "this torch is a CPU-only build"
+    parts = []
+    try:
+        torch.cuda.init()
+    except Exception as e:  # torch raises RuntimeError or AssertionError, worded by the driver's state
+        first = str(e).strip().split(". ")[0].rstrip(".")
+        parts.append(f"CUDA did not initialise: {first}" if first else f"CUDA did not initialise ({type(e).__name__})")
+    else:
+        parts.append("torch.cuda.is_available() is false")
+    try:
+        m = re.search(r"Kernel Module\s+(?:for \S+\s+)?([\d.]+)", Path(driver_version_file).read_text())
+        if m:
+            parts.append(f"the NVIDIA driver loaded is {m.group(1)}")
+    except OSError:
+        pass
+    parts.append(f"this torch is built for CUDA {torch.version.cuda} and needs a driver that supports it")
+    return "; ".join(parts)
+
+
+def resolve_devices(device: str, decoder: str, *, environ: Mapping[str, str] | None = None,
+                    dev: str | Path = "/dev") -> tuple[torch.device, str]:
+    """The torch device and DALI decoder for `runtime.device` / `runtime.decoder` ("auto": CUDA when present).
+
+    "auto" falls back to the CPU only where no GPU is in sight: a machine that was given GPUs (gpus_seen:
+    NVIDIA_VISIBLE_DEVICES, /dev/nvidiaN; `environ` and `dev` are those to look at) but where torch cannot
+    use CUDA (a driver too old for the CUDA 13 wheels, a missing driver in the container) is a JobError
+    naming what was seen and why, rather than a whole job run on the CPU while it holds the GPUs. Ask for
+    the CPU (`runtime.device = "cpu"`) to run there anyway."""
     if device == "cuda" and not torch.cuda.is_available():
-        raise JobError("runtime.device = 'cuda' but CUDA is not available on this machine")
+        raise JobError(f"runtime.device = 'cuda' but CUDA is not usable on this machine: {cuda_unusable_reason()}")
+    if device == "auto" and not torch.cuda.is_available():
+        seen = gpus_seen(environ, dev)
+        if seen:
+            raise JobError(
+                f"runtime.device = 'auto': this machine was given GPUs ({', '.join(seen)}) but CUDA is not usable: "
+                f"{cuda_unusable_reason()}. Fix the driver or the container's GPU set-up, or set runtime.device = "
+                f"\"cpu\" (--set runtime.device=cpu; --device cpu for rded eval and train-observer) to run on the CPU")
     chosen = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
     if decoder == "auto":
         decoder = "mixed" if chosen.type == "cuda" else "cpu"
