@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .config import (BenchConfig, DemoConfig, EvalConfig, SliceConfig, TrainObserverConfig, command_config,
                      load_job)
-from .errors import EXIT_BAD_JOB, OptionError, OutputExists, RdedError
+from .errors import EXIT_BAD_JOB, EXIT_PUBLISHED_WITH_BROKEN_SHARDS, OptionError, OutputExists, RdedError
 
 
 def _err(msg: str, code: int = EXIT_BAD_JOB) -> int:
@@ -21,12 +21,23 @@ def _err(msg: str, code: int = EXIT_BAD_JOB) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from .distill import run_distill
+    from .distill import check_run, run_distill
+    from .rundir import read_manifest
 
-    summary = run_distill(load_job(args.job, args.set), Path(args.out), overwrite=args.overwrite, resume=args.resume)
-    if summary is not None:
-        print(f"rded: done: {summary.line()}")
-    return 0
+    job = load_job(args.job, args.set)
+    if args.check:
+        decision = check_run(job, Path(args.out), overwrite=args.overwrite, resume=args.resume)
+        print(f"rded: check: ok: {CHECK_OUTCOMES[decision]}")
+        return 0
+    summary = run_distill(job, Path(args.out), overwrite=args.overwrite, resume=args.resume)
+    if summary is None:  # a finished run of this job: it says again whether it skipped broken shards
+        return EXIT_PUBLISHED_WITH_BROKEN_SHARDS if read_manifest(Path(args.out)).broken_shards else 0
+    print(f"rded: done: {summary.line()}")
+    return EXIT_PUBLISHED_WITH_BROKEN_SHARDS if summary.broken_shards else 0
+
+
+CHECK_OUTCOMES = {"fresh": "the run would start", "resume": "the unfinished run would continue",
+                  "finished": "the run has finished; nothing to do"}
 
 
 def cmd_slice(args: argparse.Namespace) -> int:
@@ -83,16 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rded", description="RDED dataset distillation on WebDataset shards.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("distill", help="distil a data set as the job file says")
-    p.add_argument("job", help="job file (TOML)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a job-file value (repeatable); VALUE is read as TOML, else as a string")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the unfinished (killed or failed) run in --out from its committed work; runs "
-                        "the job when none was started; does nothing when the run has finished")
-    p.set_defaults(func=cmd_distill, command_parser=p)
+    _distill_parser(sub)
 
     p = sub.add_parser("slice", help="the IPC=K set of a larger run, without recomputation")
     p.add_argument("dir", help="a finished run")
@@ -161,6 +163,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="observer training steps (default: %(default)s, about a minute on 2 cores)")
     p.set_defaults(func=cmd_demo, command_parser=p)
     return parser
+
+
+def _distill_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("distill", help="distil a data set as the job file says")
+    p.add_argument("job", help="job file (TOML)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a job-file value (repeatable); VALUE is read as TOML, else as a string")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the unfinished (killed or failed) run in --out from its committed work; runs "
+                        "the job when none was started; does nothing when the run has finished")
+    p.add_argument("--check", action="store_true",
+                   help="only check the job, the output directory and (with --resume) the run it would continue, "
+                        "then exit: 0 when the run can start or continue, 2 naming the problem; launch files run "
+                        "it before torchrun so that a bad job fails once, not once per restart")
+    p.set_defaults(func=cmd_distill, command_parser=p)
 
 
 def _compute_flags(p: argparse.ArgumentParser) -> None:

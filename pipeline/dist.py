@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
@@ -79,8 +80,9 @@ class Ranks:
             dist.barrier()
 
 
-def from_environment(num_shards: int, use_cuda: bool) -> Ranks:
-    """The ranks torchrun describes in the environment (WORLD_SIZE, RANK, LOCAL_RANK), else one process."""
+def from_environment(num_shards: int, use_cuda: bool, timeout_s: float = 1800.0) -> Ranks:
+    """The ranks torchrun describes in the environment (WORLD_SIZE, RANK, LOCAL_RANK), else one process.
+    `timeout_s` bounds every collective: a dead peer fails the run instead of blocking the others."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Ranks()
@@ -90,7 +92,7 @@ def from_environment(num_shards: int, use_cuda: bool) -> Ranks:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     return Ranks(dist.get_rank(), dist.get_world_size(), local_rank, split_by_shard=num_shards >= world)
 
 

@@ -10,11 +10,12 @@ wrong with the job is checked before work starts; outputs are staged and publish
 
 from __future__ import annotations
 
+import errno
 import importlib.metadata
 import importlib.util
 import json
+import os
 import re
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -27,11 +28,13 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checkpoint import CHECKPOINT, Checkpoint, IndexDigest, event, npz_arrays, npz_bytes
+from .checkpoint import FORMAT as CHECKPOINT_FORMAT
+from .checkpoint import (Checkpoint, IndexDigest, event, identity_differences, npz_arrays, npz_bytes, publish_step,
+                         result_settings, run_identity)
 from .config import JobConfig, ObserverConfig
 from .crops import Cutter
 from .dist import Ranks, from_environment, restarts_share_the_agent_store, shutdown
-from .errors import JobError
+from .errors import JobError, OutputIOError, RankFailed, RdedError
 from .heap import PerClassTopK, Rows
 from .keyed import centre_square, crop_window
 from .observer import Observer, build_observer, check_observer
@@ -41,14 +44,15 @@ from .refine import Refiner, Spool
 from .relabel import LabelStats, Relabeler, labels_summary, write_label_shard
 from .report import (DISTILLED, EXCLUDED, NOT_DRAWN, SCORED, SKIPPED, Ledger, Timings, assemble_ledger,
                      merge_accounting, peak_rss_mib, progress_bar)
-from .rundir import (MANIFEST, MANIFEST_FORMAT, STAGING, ClassRecord, Manifest, ShardRecord, check_output,
-                     discard_staging, make_staging, publish, write_json)
+from .rundir import MANIFEST, MANIFEST_FORMAT, ClassRecord, Manifest, ShardRecord, check_output, write_json
 from .runtime import ComputePolicy, refinement_precision, resolve_devices
 from .score import Scorer, cut_candidates, key_patches
 from .select import SubsetDraw
-from .source import (FirstOccurrence, canonical_order, expand_shards, load_classes, scan_shard,
-                     shard_key_hashes)
-from .streams import MemberFetcher, SpooledMembers
+from .staging import RunLock, Staging
+from .source import (BrokenShard, FirstOccurrence, Replay, broken_shards, canonical_order, expand_shards, fetch_break,
+                     index_break, load_classes, load_fetch_break, save_fetch_break, scan_shard, shard_key_hashes,
+                     unnamed)
+from .streams import MemberFetcher, RetryPolicy, SpooledMembers, StreamBroken, Streams, StreamStats, spool_is_whole
 from .tario import sha256_file
 from .write import (PlannedImage, WriteResult, WriteSettings, contact_sheet_rows, cut_canvases, merge_results,
                     output_shards, plan_images, stitch, write_contact_sheet, write_image_shard)
@@ -87,6 +91,7 @@ class Summary:
     skipped: int
     seconds: float
     classes_with_images: int | None = None  # fewer than `classes` when some have no sample
+    broken_shards: int = 0  # input shards that broke off and were skipped (data.broken_shards = "skip")
 
     def line(self) -> str:
         rate = self.scored_images / self.seconds if self.seconds else 0.0
@@ -110,6 +115,7 @@ class Run:
     ranks: Ranks
     started: float
     checkpoint: Checkpoint | None = None
+    identity: dict[str, Any] = field(default_factory=dict)  # rded.checkpoint.run_identity
     timings: Timings = field(default_factory=Timings)
     class_names: dict[int, str] = field(default_factory=dict)
     wanted: set[int] = field(default_factory=set)
@@ -120,14 +126,18 @@ class Run:
     def device(self) -> torch.device:
         return self.compute.device
 
+    @cached_property
+    def layout(self) -> Staging:
+        return Staging(self.out_dir)
+
     @property
     def staging(self) -> Path:
-        return self.out_dir / STAGING
+        return self.layout.dir
 
     @property
     def ledger_dir(self) -> Path:
         """Ledger parts (every rank's, canonical order assembled at the end)."""
-        return self.staging / ".ledger"
+        return self.layout.ledger
 
     @cached_property
     def position(self) -> np.ndarray:
@@ -136,10 +146,16 @@ class Run:
         position[canonical_order(self.shards)] = np.arange(len(self.shards))
         return position
 
+    @cached_property
+    def streams(self) -> Streams:
+        """This rank's input reads: the retry policy (runtime.retries, ...), its counts (`as_dict()` for
+        report.json) and the shards that broke off (rded.source.broken_shards)."""
+        return Streams(RetryPolicy.of(self.job.runtime))
+
     @property
     def stream_spool(self) -> Path:
-        """Streamed shards' scored image bytes, for the writer (rded.streams); removed before publishing."""
-        return self.staging / ".streamed"
+        """Streamed shards' scored image bytes, for the writer (rded.streams); removed after publishing."""
+        return self.layout.stream_spool
 
     def read_winner(self, p: ScoredPatch) -> bytes:
         return self.winners(p.shard, p.offset, p.size)
@@ -169,67 +185,183 @@ def run_distill(job: JobConfig, out_dir: Path, *, overwrite: bool = False, resum
     """Run a job, in this process or as one rank of a torchrun launch (detected from the environment).
 
     `resume`: continue the unfinished run in `out_dir` from the work it committed (rded.checkpoint), or
-    start one where there is none; a finished run is left as it is (returns None)."""
+    start one where there is none; a finished run of the same identity is left as it is (returns None)."""
     started = time.perf_counter()
+    checked = check_job(job, resume=resume, overwrite=overwrite)
+    ranks = from_environment(len(checked.shards), use_cuda=checked.device.type == "cuda",
+                             timeout_s=job.runtime.dist_timeout)
+    if ranks.is_main and restarts_share_the_agent_store():
+        log("warning: torchrun --max-restarts with its TCP store shared (torch's default) can leave restarted "
+            "workers unable to connect (pytorch/pytorch#135712); launch torchrun with "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 so that restarts resume reliably")
+    device = torch.device("cuda", ranks.local_rank) if checked.device.type == "cuda" else checked.device
+    compute = ComputePolicy.resolve(device, job.runtime.precision)
+    identity = checked.identity(compute, ranks.world)
+    staging, lock = Staging(out_dir), RunLock(out_dir)
+    try:
+        decision = on_main_rank(ranks, lambda: (lock.acquire(), open_staging(staging, identity, resume, overwrite))[1])
+        if decision == "finished":
+            return None
+        checkpoint = Checkpoint(staging.checkpoint, ranks.rank, resumed=decision == "resume")
+        return _distill(Run(job, out_dir, checked.shards, checked.classes, compute, checked.decoder, ranks, started,
+                            checkpoint, identity=identity))
+    except BaseException as e:
+        if lock.held:
+            keep_or_discard(staging)
+        raise output_error(e, out_dir) or e
+    finally:
+        lock.release()
+        shutdown(ranks)
+
+
+@dataclass
+class CheckedJob:
+    """A job checked before any work: its shards, classes and where it runs."""
+
+    job: JobConfig
+    shards: list[Shard]
+    classes: list[ClassInfo] | None
+    device: torch.device
+    decoder: str
+
+    def identity(self, compute: ComputePolicy, world: int) -> dict[str, Any]:
+        return run_identity(self.job.public_dict(), [s.name for s in self.shards],
+                            {"device": compute.device.type, "decoder": self.decoder, "precision": compute.precision},
+                            versions(), world)
+
+
+def check_job(job: JobConfig, *, resume: bool, overwrite: bool) -> CheckedJob:
+    """Every check that needs no work: an error here is exit 2 before anything starts (on every rank alike)."""
     if resume and overwrite:
         raise JobError("--resume and --overwrite exclude each other: --resume continues a run, --overwrite "
                        "starts afresh")
-    # -- checks: every failure here is an error before any work (on every rank alike)
     shards = expand_shards(job)
     classes = load_classes(job)
     check_observer(job, classes)
     for i, spec in enumerate(job.refine.observers if job.refine.enabled else []):
         check_observer(job, classes, spec, where=f"refine.observers[{i}]")
     device, decoder = resolve_devices(job.runtime.device, job.runtime.decoder)
-    if resume and (out_dir / MANIFEST).is_file():
-        log(f"{out_dir} holds a finished run: nothing to resume")
-        return None
-    check_output(out_dir, overwrite)
-    ranks = from_environment(len(shards), use_cuda=device.type == "cuda")
-    if ranks.is_main and restarts_share_the_agent_store():
-        log("warning: torchrun --max-restarts with its TCP store shared (torch's default) can leave restarted "
-            "workers unable to connect (pytorch/pytorch#135712); launch torchrun with "
-            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 so that restarts resume reliably")
-    if device.type == "cuda":
-        device = torch.device("cuda", ranks.local_rank)
-    compute = ComputePolicy.resolve(device, job.runtime.precision)
-    checkpoint = Checkpoint(out_dir / STAGING / CHECKPOINT, ranks.rank)
-    try:
-        identity = Checkpoint.identity(job.public_dict(), __version__, ranks.world)
-        resumed = start_staging(out_dir, checkpoint, identity, resume) if ranks.is_main else False
-        checkpoint.resumed = ranks.gather(resumed)[0]  # also the barrier: the staging folder is ready
-        return _distill(Run(job, out_dir, shards, classes, compute, decoder, ranks, started, checkpoint))
-    except BaseException:
-        if not committed_work(out_dir):
-            discard_staging(out_dir)  # nothing worth resuming: nothing half-made stays behind
-        elif ranks.is_main:
-            log(f"the run stopped; its committed work is kept in {out_dir / STAGING} (hidden, never taken for a "
-                f"finished run): rerun with --resume to continue it, or --overwrite to start afresh")
-        raise
-    finally:
-        shutdown(ranks)
+    if job.runtime.threads:
+        torch.set_num_threads(job.runtime.threads)
+    return CheckedJob(job, shards, classes, device, decoder)
 
 
-def start_staging(out_dir: Path, checkpoint: Checkpoint, identity: dict[str, Any], resume: bool) -> bool:
-    """The staging folder for this attempt: the unfinished run's, checked, when resuming one; else a fresh
-    one. Returns whether work is resumed."""
-    if resume and checkpoint.read_identity() is not None:
-        checkpoint.check_identity(identity, out_dir)
+def check_run(job: JobConfig, out_dir: Path, *, overwrite: bool = False, resume: bool = False) -> str:
+    """`rded distill --check`: what a start would do, or the JobError it would end with; no work, no lock
+    taken, nothing written. (The rank count is not known here: a resume on another rank count is refused
+    by the workers.)"""
+    checked = check_job(job, resume=resume, overwrite=overwrite)
+    identity = checked.identity(ComputePolicy.resolve(checked.device, job.runtime.precision), 0)
+    del identity["ranks"]
+    holder = RunLock(out_dir).held_elsewhere()
+    if holder:  # not an error here: the holder may be this run's own rank 0, about to be restarted by torchrun
+        log(f"note: {out_dir} is in use by another rded process now ({holder}); the run itself is refused "
+            "(exit 2) if it still is when it starts")
+    return open_staging(Staging(out_dir), identity, resume, overwrite, dry=True)
+
+
+def on_main_rank(ranks: Ranks, start: Callable[[], str]) -> str:
+    """`start` on the main rank only; every rank returns its result or raises its error (the others as
+    RankFailed with the same exit code). Also the barrier after which the staging folder is ready."""
+    result, failure = None, None
+    if ranks.is_main:
+        try:
+            result = start()
+        except BaseException as e:
+            failure = e
+    outcome = ranks.gather((result, None if failure is None else (exit_code(failure), str(failure))))[0]
+    if failure is not None:
+        raise failure
+    if outcome[1] is not None:
+        raise RankFailed(f"rank 0: {outcome[1][1]}", outcome[1][0])
+    return outcome[0]
+
+
+def exit_code(e: BaseException) -> int:
+    if isinstance(e, RdedError):
+        return e.exit_code
+    if isinstance(e, SystemExit) and isinstance(e.code, int):
+        return e.code
+    return 1
+
+
+def open_staging(staging: Staging, identity: dict[str, Any], resume: bool, overwrite: bool, *,
+                 dry: bool = False) -> str:
+    """Decide what this start does with the output directory, under its lock: "resume" the unfinished run
+    (its identity checked), leave a "finished" one of the same identity, or start "fresh". A publish that a
+    kill interrupted is finished first (a dry run reads the staged manifest as the finished run's)."""
+    out_dir = staging.out_dir
+    manifest_path = out_dir / MANIFEST
+    if staging.staged_manifest.is_file():
+        if dry:
+            manifest_path = staging.staged_manifest
+        else:
+            staging.recover()
+            log(f"finished publishing the run that was staged in {out_dir}")
+    found = None if dry and manifest_path != out_dir / MANIFEST else Checkpoint(staging.checkpoint).read_identity()
+    if resume and found is not None:
+        Checkpoint(staging.checkpoint).check_identity(identity, out_dir)
         log(f"resuming the unfinished run in {out_dir}")
-        return True
-    if committed_work(out_dir):
-        log(f"note: starting afresh; the unfinished run's committed work in {out_dir / STAGING} is discarded "
+        return "resume"
+    if resume and manifest_path.is_file():
+        differences = identity_differences(finished_identity(manifest_path), {**identity, "ranks": None})
+        if differences:
+            raise JobError(f"--resume: {out_dir} holds a finished run that differs from this job in "
+                           f"{'; '.join(differences)}; pass --overwrite (without --resume) to replace it")
+        log(f"{out_dir} holds a finished run of this job: nothing to resume")
+        return "finished"
+    check_output(out_dir, overwrite)
+    if staging.committed_work():
+        log(f"note: starting afresh; the unfinished run's committed work in {staging.dir} is discarded "
             "(--resume continues it)")
-    make_staging(out_dir)
-    checkpoint.write_identity(identity)
-    return False
+    if not dry:
+        staging.fresh()
+        Checkpoint(staging.checkpoint).write_identity(identity)
+    return "fresh"
 
 
-def committed_work(out_dir: Path) -> bool:
-    """Whether the staging folder holds a committed unit (scoring, refinement or an output shard)."""
-    staging = out_dir / STAGING
-    return any(any((staging / where).glob(pattern)) for where, pattern in
-               ((f"{CHECKPOINT}/score", "*.npz"), (f"{CHECKPOINT}/out", "*.json"), (".refined", "batch-*.json")))
+def finished_identity(manifest_path: Path) -> dict[str, Any]:
+    """A finished run's identity; for runs published before manifests recorded it, what the manifest says."""
+    manifest = Manifest.from_json(json.loads(manifest_path.read_text()), manifest_path)
+    if manifest.identity is not None:
+        return manifest.identity
+    return {"format": CHECKPOINT_FORMAT, "settings": result_settings(manifest.job), "versions": manifest.versions,
+            "resolved": {"device": manifest.device, "decoder": manifest.decoder, "precision": manifest.precision}}
+
+
+def keep_or_discard(staging: Staging) -> None:
+    """After a failure: committed work (or a staged run) stays for --resume; a staging folder with nothing
+    worth resuming goes, so nothing half-made stays behind."""
+    try:
+        if not staging.committed_work():
+            staging.discard()
+        else:
+            log(f"the run stopped; its committed work is kept in {staging.dir} (hidden, never taken for a "
+                f"finished run): rerun with --resume to continue it, or --overwrite to start afresh")
+    except OSError:
+        pass  # the storage that failed may fail again here: the work stays as it is
+
+
+_OUTPUT_ERRNOS = {errno.ENOSPC: "free space on that file system", errno.EDQUOT: "raise the quota or free space",
+                  errno.EROFS: "the file system is read-only: mount it writable",
+                  errno.EFBIG: "a file exceeds the file-size limit (ulimit -f)",
+                  errno.EACCES: "this user (uid {uid}) may not write there: fix the permissions",
+                  errno.EPERM: "this user (uid {uid}) may not write there: fix the permissions"}
+
+
+def output_error(e: BaseException, out_dir: Path) -> OutputIOError | None:
+    """An OSError of the output's storage as one line naming the path and what to do (exit 74); None for
+    any other error. Permission errors count only for paths in the output directory."""
+    if not isinstance(e, OSError) or e.errno not in _OUTPUT_ERRNOS:
+        return None
+    path = Path(e.filename) if e.filename else out_dir
+    inside = path.resolve().is_relative_to(out_dir.resolve())
+    if e.errno in (errno.EACCES, errno.EPERM) and not inside:
+        return None
+    advice = _OUTPUT_ERRNOS[e.errno].format(uid=os.getuid())
+    err = OutputIOError(f"{path}: {e.strerror}: {advice}; the committed work is kept: then rerun with --resume")
+    err.__cause__ = e
+    return err
 
 
 def _distill(run: Run) -> Summary:
@@ -282,64 +414,57 @@ def source_and_select(run: Run) -> tuple[Rows[SampleRef], dict[int, int]]:
     Returns this rank's drawn samples in reading order (shard name, offset): sequential within a shard,
     and the same whatever order the job lists its shards in; and the drawn count per class, all ranks.
     """
-    cfg, ranks, num_classes = run.job.distill, run.ranks, len(run.class_names)
+    cfg, ranks = run.job.distill, run.ranks
     t0 = time.perf_counter()
     order = canonical_order(run.shards)
     positions = ranks.shard_positions(len(order))
+    # a resumed run ends each shard where its first attempt recorded a break, so it indexes the same records
+    before = IndexDigest.recorded(run.checkpoint) if run.checkpoint.resumed else {}
+    replays = {p: Replay(b["records"], b["at"], b["cause"]) for p, e in before.items() if (b := e.get("broken"))}
     shard_keys = None
     if ranks.world > 1 and ranks.split_by_shard:  # copies of a key may sit in other ranks' shards
-        shard_keys = {p: h for part in ranks.gather({p: shard_key_hashes(run.shards[order[p]])
+        shard_keys = {p: h for part in ranks.gather({p: shard_key_hashes(run.shards[order[p]], run.streams,
+                                                                         replays.get(p))
                                                      for p in positions}) for p, h in part.items()}
     first = FirstOccurrence(shard_keys)
     draw = SubsetDraw(cfg.seed, cfg.subset)
     digest = IndexDigest()
     seen = 0
+    failure: RdedError | None = None
     for position in positions:
+        shard = run.shards[order[position]]
         first.next_shard(position)
-        for rec in scan_shard(order[position], run.shards[order[position]]):
+        records, broken = 0, None
+        for rec in scan_shard(order[position], shard, run.streams, replays.get(position)):
+            if isinstance(rec, BrokenShard):
+                failure = index_break(shard, rec, records, before.get(position), run.job.data.broken_shards,
+                                      run.out_dir)
+                if failure is not None:
+                    break
+                broken = {"at": rec.key, "cause": rec.cause, "records": records}
+                run.streams.note_broken(shard.name, "index", rec.key, rec.cause, samples=1)
+            records += 1
             if not ranks.owns_sample(position, rec.key):
                 continue
             digest.add(position, run.shards[rec.shard].name, rec.key, rec.offset,
                        rec.reason if isinstance(rec, Skipped) else f"{rec.label}:{rec.size}")
             seen += 1
-            if isinstance(rec, Skipped) and rec.reason == "corrupt_shard":
-                run.record(rec, SKIPPED, rec.reason)
-            elif not first.is_first(rec.key):
-                run.record(rec, SKIPPED, "duplicate_key")
-            elif isinstance(rec, Skipped):
-                run.record(rec, SKIPPED, rec.reason)
-            elif not 0 <= rec.label < num_classes:
-                run.record(rec, SKIPPED, "unknown_class")
-            elif rec.label not in run.wanted:
-                run.record(rec, EXCLUDED)
-            else:
-                for r in draw.offer(rec):
-                    run.record(r, NOT_DRAWN)
+            index_record(run, rec, first, draw)
+        if failure is not None:  # before check_inputs records anything: a later --resume is not refused
+            break
+        digest.finish_shard(position, shard.name, records, broken)
         event()
-    run.checkpoint.check_inputs(digest.hexdigest(), run.out_dir)
+    failures = [f for f in ranks.gather(failure) if f is not None]  # every rank ends alike
+    if failures:
+        raise failures[0]
+    run.checkpoint.check_inputs(digest, run.out_dir)
     local, dropped = draw.finish()
     for r in dropped:
         run.record(r, NOT_DRAWN)
     drawn = ranks.merge_top(local, cfg.subset, draw.order)
     if not drawn:  # e.g. every URL failed: say why now rather than publish an empty run
-        acc = merge_accounting(ranks.gather(run.ledger.summary()))
-        why = [f"{n} {reason}" for reason, n in acc[SKIPPED].items()] + \
-              ([f"{acc[EXCLUDED]} of classes not in data.class_subset"] if acc[EXCLUDED] else [])
-        examples = acc["skipped_examples"].get("corrupt_shard", [])[:3]
-        raise JobError(f"data.train: no usable sample in {len(run.shards)} shards ({acc['input_samples']} read"
-                       + (f"; {', '.join(why)}" if why else "") + ")"
-                       + (f"; broke off at {', '.join(examples)}" if examples else ""))
-    if ranks.world == 1:
-        parts = list(local.values())
-    else:  # keep what the merge kept of this rank's draw
-        drawn_ids = {(r.shard, r.key) for refs in drawn.values() for r in refs}
-        mine = []
-        for r in (r for refs in local.values() for r in refs):
-            if (r.shard, r.key) in drawn_ids:
-                mine.append(r)
-            else:
-                run.record(r, NOT_DRAWN)
-        parts = [Rows.of(SampleRows, mine, draw.order)]
+        raise no_usable_sample(run)
+    parts = list(local.values()) if ranks.world == 1 else [kept_by_the_merge(run, local, drawn, draw.order)]
     seen_all = sum(ranks.gather(seen))
     run.timings.add("source_select", time.perf_counter() - t0, seen_all)
     if ranks.is_main:
@@ -347,6 +472,47 @@ def source_and_select(run: Run) -> tuple[Rows[SampleRef], dict[int, int]]:
             f"({cfg.subset} per class at most, {len(drawn)} classes)"
             + (f"; {ranks.world} ranks" if ranks.world > 1 else ""))
     return in_reading_order(run.position, parts), {c: len(v) for c, v in drawn.items()}
+
+
+def index_record(run: Run, rec: SampleRef | Skipped, first: FirstOccurrence, draw: SubsetDraw) -> None:
+    """An indexed record's ledger row, or its offer to the per-class draw."""
+    if isinstance(rec, Skipped) and rec.reason == "corrupt_shard":
+        run.record(rec, SKIPPED, rec.reason)
+    elif not first.is_first(rec.key):
+        run.record(rec, SKIPPED, "duplicate_key")
+    elif isinstance(rec, Skipped):
+        run.record(rec, SKIPPED, rec.reason)
+    elif not 0 <= rec.label < len(run.class_names):
+        run.record(rec, SKIPPED, "unknown_class")
+    elif rec.label not in run.wanted:
+        run.record(rec, EXCLUDED)
+    else:
+        for r in draw.offer(rec):
+            run.record(r, NOT_DRAWN)
+
+
+def no_usable_sample(run: Run) -> JobError:
+    """Why no shard gave a usable sample: the counts per reason (every rank's) and where shards broke off."""
+    acc = merge_accounting(run.ranks.gather(run.ledger.summary()))
+    why = [f"{n} {reason}" for reason, n in acc[SKIPPED].items()] + \
+          ([f"{acc[EXCLUDED]} of classes not in data.class_subset"] if acc[EXCLUDED] else [])
+    examples = acc["skipped_examples"].get("corrupt_shard", [])[:3]
+    return JobError(f"data.train: no usable sample in {len(run.shards)} shards ({acc['input_samples']} read"
+                    + (f"; {', '.join(why)}" if why else "") + ")"
+                    + (f"; broke off at {', '.join(examples)}" if examples else ""))
+
+
+def kept_by_the_merge(run: Run, local: dict[int, Rows[SampleRef]], drawn: dict[int, Sequence[SampleRef]],
+                      order: Callable) -> Rows[SampleRef]:
+    """This rank's part of the merged draw; the rest of its own draw is recorded as not drawn."""
+    drawn_ids = {(r.shard, r.key) for refs in drawn.values() for r in refs}
+    mine = []
+    for r in (r for refs in local.values() for r in refs):
+        if (r.shard, r.key) in drawn_ids:
+            mine.append(r)
+        else:
+            run.record(r, NOT_DRAWN)
+    return Rows.of(SampleRows, mine, order)
 
 
 def in_reading_order(position: np.ndarray, parts: list[Rows[SampleRef]]) -> Rows[SampleRef]:
@@ -391,20 +557,25 @@ def decode_crop_score(run: Run, drawn: Rows[SampleRef], scorer: Scorer, window: 
     bar = run.progress(len(drawn), "scoring")
     scored, units = 0, []
     # `drawn` is in (shard name, offset) order, so a streamed shard is one forward pass here
-    fetch = MemberFetcher(run.shards, run.stream_spool, run.ranks.rank)
+    fetch = MemberFetcher(run.shards, run.stream_spool, run.ranks.rank, run.streams)
     shard_of = drawn.array["shard"]
     bounds = np.flatnonzero(np.diff(shard_of)) + 1 if len(shard_of) else np.zeros(0, np.int64)
     try:
         for lo, hi in zip([0, *bounds.tolist()], [*bounds.tolist(), len(drawn)]):
             if lo == hi:
                 continue
+            shard = run.shards[int(shard_of[lo])]
             name = f"score/p{int(run.position[shard_of[lo]]):06d}.r{run.ranks.rank}.npz"
             units.append(name)
+            lost_path = run.checkpoint.path(name.replace(".npz", ".broken.json"))  # its fetch-pass break, if any
             data = run.checkpoint.load(name, "score_shards")
             unit = ScoreUnit.from_bytes(name, data) if data is not None else None
-            if data is not None and unit is None:  # damaged: redo it
-                run.checkpoint.discard(name, "score_shards")
+            if data is not None and (unit is None or (shard.url is not None and not spool_is_whole(
+                    run.stream_spool, run.ranks.rank, int(shard_of[lo])))):  # damaged, or its winners' spool is
+                run.checkpoint.discard(name, "score_shards")                   # gone: redo it
+                unit = None
             if unit is None:
+                lost_path.unlink(missing_ok=True)
                 patches, rejected = [], []
                 for start in range(lo, hi, runtime.batch_size):
                     batch = drawn[start:min(start + runtime.batch_size, hi)]
@@ -412,7 +583,11 @@ def decode_crop_score(run: Run, drawn: Rows[SampleRef], scorer: Scorer, window: 
                     patches += best
                     rejected += bad
                     bar.update(len(batch))
-                fetch.spool.close()  # the shard's spooled winners are complete before its unit is committed
+                fetch.spool.seal(int(shard_of[lo]))  # its spooled winners are durable before its unit is committed
+                if int(shard_of[lo]) in fetch.breaks:  # data.broken_shards = "skip": say where and why
+                    lost = [r.key for r, why in rejected if why == "corrupt_shard"]
+                    cause = unnamed(fetch.breaks[int(shard_of[lo])][1], shard)
+                    save_fetch_break(lost_path, lost[0] if lost else "", cause, len(lost))
                 unit = ScoreUnit(name, Rows.of(PatchRows, patches, order), Rows.of(SampleRows, [r for r, _ in rejected],
                                                                                     order=lambda r: (0, r.key)),
                                  np.asarray([why for _, why in rejected], dtype="U"))
@@ -420,6 +595,8 @@ def decode_crop_score(run: Run, drawn: Rows[SampleRef], scorer: Scorer, window: 
             else:
                 ranking.push_all(unit.patches)
                 bar.update(hi - lo)
+            if (lost := load_fetch_break(lost_path)) is not None:
+                run.streams.note_broken(shard.name, "fetch", lost["at"], lost["cause"], lost["samples"])
             scored += len(unit.patches)
     finally:
         fetch.close()  # the spool is complete before the ranks merge their winners
@@ -434,9 +611,18 @@ def _score_batch(run: Run, batch: list[SampleRef], fetch: MemberFetcher, cutter:
     """Decode, crop and score one batch of drawn images into the per-class top-k; returns the batch's key
     patches and the samples it could not use, with the reason."""
     cfg, runtime = run.job.distill, run.job.runtime
+
+    def read(r: SampleRef) -> bytes:
+        try:
+            return fetch(r.shard, r.offset, r.size)
+        except StreamBroken as e:  # "skip": the sample is counted as corrupt_shard; "fail": the run ends
+            if run.job.data.broken_shards == "fail":
+                raise fetch_break(run.shards[r.shard], r.key, str(e)) from None
+            raise
+
     with run.timings.stage("decode_crop", len(batch)):
         candidates, rejected = cut_candidates(
-            batch, lambda r: fetch(r.shard, r.offset, r.size), cutter,
+            batch, read, cutter,
             seed=cfg.seed, crops=cfg.crops, patch_size=cfg.patch_size, window=window,
             max_pixels=runtime.max_pixels)
     with run.timings.stage("score", len(candidates.images) * cfg.crops, unit="patches"):
@@ -504,7 +690,7 @@ def refine_images(run: Run, plan: list[PlannedImage], refiner: Refiner) -> Spool
     """Refine every planned image, a batch per image index (image j of every class, so tiers stay exact);
     this rank takes the batches j = rank (mod world). The refined images wait in a spool for the writer."""
     cfg = run.job.distill
-    spool = Spool(run.staging / ".refined")
+    spool = Spool(run.layout.refined)
     batches: dict[int, list[PlannedImage]] = {}
     for image in plan:
         batches.setdefault(image.image_index, []).append(image)
@@ -630,19 +816,65 @@ def load_output_unit(run: Run, shard_no: int) -> tuple[WriteResult, LabelStats] 
 
 def finish(run: Run, result: WriteResult, label_stats: LabelStats, relabeler: Relabeler | None,
            drawn_count: dict[int, int], scored: int, spool: Spool | None = None) -> Summary:
-    """The run's records (manifest, report, ledger, contact sheet), written and published by the main rank."""
-    cfg, ranks = run.job.distill, run.ranks
+    """The run's records (manifest, report, ledger, contact sheet), written by the main rank and published
+    (rded.staging); every rank waits for the publish and ends with its outcome."""
+    ranks = run.ranks
     checkpoints = ranks.gather(run.checkpoint)
     accounting = (assemble_ledger(sorted(run.ledger_dir.glob("*.tsv")), run.staging / "samples.tsv")
                   if ranks.is_main else None)  # every rank's parts are closed: the gather above waits for them
     accounting = ranks.gather(accounting)[0]
-    seconds = time.perf_counter() - run.started
+    broken = broken_shards(run)  # collectives: every rank takes part
+    streams = StreamStats.merge(ranks.gather(run.streams.stats)).as_dict()
     per_class = {c: result.images_per_class.get(c, 0) for c in sorted(run.wanted)}
     summary = Summary(run.out_dir, sum(s.samples for s in result.shards), len(result.shards), len(run.wanted),
-                      scored, sum(accounting[SKIPPED].values()), seconds, sum(1 for n in per_class.values() if n))
-    if not ranks.is_main:
-        return summary
-    write_contact_sheet(run.staging / "contact-sheet.png", result.thumbnails)
+                      scored, sum(accounting[SKIPPED].values()), time.perf_counter() - run.started,
+                      sum(1 for n in per_class.values() if n), len(broken))
+    if broken and ranks.is_main:
+        log(f"warning: {len(broken)} input shards broke off and were skipped (data.broken_shards = \"skip\"): "
+            + "; ".join(f"{b['shard']} ({b['pass']} pass, at {b['at']}: {b['cause']}; {b['samples']} rows)"
+                        for b in broken[:5]) + ("; ..." if len(broken) > 5 else ""))
+
+    def publish() -> str:
+        publish_step()
+        manifest = build_manifest(run, result, label_stats, relabeler, drawn_count, per_class, spool)
+        manifest.broken_shards = broken or None
+        write_contact_sheet(run.staging / "contact-sheet.png", result.thumbnails)
+        write_report(run, summary, accounting, {"checkpoint": Checkpoint.report(checkpoints), "streams": streams},
+                     per_class, manifest)
+        run.layout.publish(manifest)
+        return "published"
+
+    on_main_rank(ranks, publish)
+    return summary
+
+
+def build_manifest(run: Run, result: WriteResult, label_stats: LabelStats, relabeler: Relabeler | None,
+                   drawn_count: dict[int, int], per_class: dict[int, int], spool: Spool | None) -> Manifest:
+    cfg = run.job.distill
+    # the same bytes on any rank count; the code digest pins unfinished work only (a finished run is pinned by
+    # the versions, so that a release that changes nothing else does not refuse it)
+    identity = {k: v for k, v in run.identity.items() if k not in ("ranks", "code_sha256")}
+    manifest = Manifest(
+        format=MANIFEST_FORMAT, versions=versions(), job=run.job.public_dict(), device=run.device.type,
+        decoder=run.decoder, precision=run.compute.precision, ipc=cfg.ipc, tiers=cfg.tiers,
+        images=sum(s.samples for s in result.shards),
+        classes=[ClassRecord(c, run.class_names[c], drawn_count.get(c, 0), n) for c, n in per_class.items()],
+        shards=result.shards, identity=identity)
+    if spool is not None:
+        manifest.refine = {"settings": run.job.refine.model_dump(mode="json", exclude={"enabled", "observers"}),
+                           "observers": refine_observer_names(run.job),
+                           "precision": refinement_precision(run.job.runtime.precision, run.device),
+                           "batches": spool.records()}
+    if relabeler is not None:
+        manifest.labels = labels_summary(relabeler, label_stats, sum(s.bytes for s in result.shards),
+                                         sum(s.labels["bytes"] for s in result.shards))
+    return manifest
+
+
+def write_report(run: Run, summary: Summary, accounting: dict[str, Any], attempt: dict[str, Any],
+                 per_class: dict[int, int], manifest: Manifest) -> None:
+    """report.json, and the notes on short and empty classes."""
+    cfg = run.job.distill
     # a class with no samples is normal when the classes are an observer's 1,000 outputs and the data has a few
     empty = [run.class_names[c] for c, n in per_class.items() if n == 0]
     short = {run.class_names[c]: n for c, n in per_class.items() if 0 < n < cfg.ipc}
@@ -652,42 +884,28 @@ def finish(run: Run, result: WriteResult, label_stats: LabelStats, relabeler: Re
     if empty:
         log(f"note: {len(empty)} of {len(per_class)} classes have no images (no decodable samples): "
             + ", ".join(empty[:10]) + (", ..." if len(empty) > 10 else ""))
-    manifest = Manifest(
-        format=MANIFEST_FORMAT, versions=versions(), job=run.job.public_dict(), device=run.device.type,
-        decoder=run.decoder, precision=run.compute.precision, ipc=cfg.ipc, tiers=cfg.tiers, images=summary.images,
-        classes=[ClassRecord(c, run.class_names[c], drawn_count.get(c, 0), n) for c, n in per_class.items()],
-        shards=result.shards)
     refine_report = None
-    if spool is not None:
-        manifest.refine = {"settings": run.job.refine.model_dump(mode="json", exclude={"enabled", "observers"}),
-                           "observers": refine_observer_names(run.job),
-                           "precision": refinement_precision(run.job.runtime.precision, run.device),
-                           "batches": spool.records()}
-        shutil.rmtree(spool.dir)
+    if manifest.refine is not None:
         stage = run.timings.stages.get("refine")
         refine_report = {"precision": manifest.refine["precision"],
                          "seconds_per_image": round(stage.seconds / stage.items, 4) if stage and stage.items else None,
                          "peak_gpu_mib": (round(torch.cuda.max_memory_allocated(run.device) / 2**20, 1)
                                           if run.device.type == "cuda" else None)}
-    if relabeler is not None:
-        manifest.labels = labels_summary(relabeler, label_stats, sum(s.bytes for s in result.shards),
-                                         sum(s.labels["bytes"] for s in result.shards))
+    seconds = summary.seconds
     write_json(run.staging / "report.json", {
         "seconds": round(seconds, 3),
         "peak_rss_mib": round(peak_rss_mib(), 1),
         "device": run.device.type,
         "decoder": run.decoder,
         "compute": run.compute.record(),
-        "ranks": ranks.world,
+        "threads": torch.get_num_threads(),  # intra-op threads of this (main) process's model calls
+        "ranks": run.ranks.world,
         "stages": run.timings.as_dict(),
         "accounting": accounting,
         "short_classes": short,
         "empty_classes": {"count": len(empty), "classes": empty},
-        "end_to_end_images_per_s": round(scored / seconds, 2) if seconds else None,
-        "checkpoint": Checkpoint.report(checkpoints),
+        "end_to_end_images_per_s": round(summary.scored_images / seconds, 2) if seconds else None,
+        **attempt,  # this attempt's checkpoint use (reused and computed units) and its streams' retries
+        "broken_shards": manifest.broken_shards or [],
         **({"refine": refine_report} if refine_report else {}),
     })
-    for scratch in (run.stream_spool, run.ledger_dir, run.checkpoint.dir):  # the last step before publishing
-        shutil.rmtree(scratch, ignore_errors=True)
-    publish(run.out_dir, manifest)
-    return summary

@@ -70,3 +70,12 @@ class OutputIOError(RdedError):
     and what to do; the committed work is kept."""
 
     exit_code = EXIT_OUTPUT_IO
+
+
+class RankFailed(RdedError):
+    """Under torchrun: the main rank failed (a refused start, a failed publish); the other ranks end with its
+    exit code and message."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

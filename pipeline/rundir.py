@@ -4,14 +4,13 @@ replacement of a previous run, slicing, and sha256 verification whenever a run i
 A run directory holds `distilled-NNNNNN.tar` image shards, `labels-NNNNNN.tar` soft-label shards beside
 them, `samples.tsv`, `report.json`, `contact-sheet.png` and, written last, `manifest.json`: a directory
 with a manifest is a finished run. Everything is made in a staging folder inside the output directory
-and moved into place at the end. Imports only the standard library (the loader reads runs through it).
+and moved into place at the end (rded.staging). Imports only the standard library (the loader reads runs through it).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -71,6 +70,8 @@ class Manifest:
     sliced_from: dict[str, Any] | None = None  # {ipc, tiers} of the run a slice was cut from
     refine: dict[str, Any] | None = None  # settings, observers and per-batch stage records; None unrefined
     precision: str | None = None  # of every model call (runtime.precision resolved); None: before it was recorded
+    identity: dict[str, Any] | None = None  # rded.checkpoint.run_identity less the rank count; None: older runs
+    broken_shards: list[dict[str, Any]] | None = None  # input shards skipped as broken (data.broken_shards = "skip")
 
     @property
     def resolution(self) -> int:
@@ -82,7 +83,7 @@ class Manifest:
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        for optional in ("labels", "sliced_from", "refine", "precision"):
+        for optional in ("labels", "sliced_from", "refine", "precision", "identity", "broken_shards"):
             if d[optional] is None:
                 del d[optional]
         return d
@@ -173,39 +174,14 @@ def check_output(out_dir: Path, overwrite: bool) -> None:
         raise OutputExists(f"{out_dir}: holds a finished run ({MANIFEST})", finished_run=True)
 
 
-def make_staging(out_dir: Path) -> Path:
-    """An empty staging folder inside `out_dir` (one left by a crashed run is cleared)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = out_dir / STAGING
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-    return staging
-
-
-def discard_staging(out_dir: Path) -> None:
-    shutil.rmtree(out_dir / STAGING, ignore_errors=True)
-
-
 def remove_previous_run(out_dir: Path) -> None:
-    """Unmark a finished run first (its manifest), then remove its shards and records."""
+    """Unmark a finished run first (its manifest), then remove its shards and records (rded.staging publishes
+    the new one)."""
     (out_dir / MANIFEST).unlink(missing_ok=True)
     for old in [*out_dir.glob("distilled-*.tar"), *out_dir.glob("labels-*.tar")]:
         old.unlink()
     for name in RECORDS:
         (out_dir / name).unlink(missing_ok=True)
-
-
-def publish(out_dir: Path, manifest: Manifest) -> None:
-    """Replace any previous run in `out_dir` with the staged one; the manifest goes in last."""
-    staging = out_dir / STAGING
-    write_json(staging / MANIFEST, manifest.to_json())
-    remove_previous_run(out_dir)
-    for item in sorted(staging.iterdir()):
-        if item.name != MANIFEST:
-            item.replace(out_dir / item.name)
-    (staging / MANIFEST).replace(out_dir / MANIFEST)
-    staging.rmdir()
 
 
 def slice_run(src: Path, ipc: int, out_dir: Path, *, overwrite: bool = False) -> Manifest:

@@ -9,19 +9,20 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
 from braceexpand import braceexpand
 
 from .config import JobConfig
-from .errors import JobError
+from .errors import InputUnavailable, JobError, RdedError
 from .keyed import keyed_u64
 from .records import ClassInfo, SampleRef, Shard, Skipped
-from .streams import open_shard
-from .tario import BrokenAt, walk_samples
+from .streams import PASSES, Streams, open_shard
+from .tario import BrokenAt, walk_samples, write_bytes_atomic
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -94,17 +95,42 @@ def load_classes(job: JobConfig) -> list[ClassInfo] | None:
     return sorted(classes, key=lambda c: c.index)
 
 
-def scan_shard(shard_index: int, source: Shard | Path) -> Iterator[SampleRef | Skipped]:
+@dataclass(frozen=True, slots=True)
+class BrokenShard(Skipped):
+    """The record that ends a shard that broke off (reason corrupt_shard): `key` says where, `cause` why."""
+
+    cause: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """A break an earlier attempt of the run recorded: after `records` records the shard ends there, whatever
+    this attempt would read, so a resumed run indexes what the first attempt did."""
+
+    records: int
+    at: str
+    cause: str
+
+
+def scan_shard(shard_index: int, source: Shard | Path, streams: Streams | None = None,
+               replay: Replay | None = None) -> Iterator[SampleRef | Skipped]:
     """One record per sample (consecutive members sharing a key), reading only headers and labels.
 
-    A shard that breaks off (truncated or corrupt tar, a stream that fails, one that cannot be opened at
-    all) ends with one `Skipped(reason='corrupt_shard')` naming the sample where reading stopped; the
-    complete samples before it are kept.
+    A shard that breaks off (truncated or corrupt tar, a stream that fails after its retries, one that cannot
+    be opened at all) ends with one `BrokenShard(reason='corrupt_shard')` naming the sample where reading
+    stopped; the complete samples before it are kept. With `replay`, the shard ends as recorded (and the
+    rest is not read) unless it breaks off sooner.
     """
-    with open_shard(source) as f:
-        for item in walk_samples(f, read=lambda ext: ext == "cls"):
+    if replay is not None and replay.records == 0:  # nothing to read again
+        yield BrokenShard(replay.at, shard_index, "corrupt_shard", cause=replay.cause)
+        return
+    with open_shard(source, streams) as f:
+        for n, item in enumerate(walk_samples(f, read=lambda ext: ext == "cls")):
+            if replay is not None and n == replay.records:
+                yield BrokenShard(replay.at, shard_index, "corrupt_shard", cause=replay.cause)
+                return
             if isinstance(item, BrokenAt):
-                yield Skipped(item.key, shard_index, "corrupt_shard")
+                yield BrokenShard(item.key, shard_index, "corrupt_shard", cause=unnamed(item.cause, source))
                 continue
             image = next((m for m in item.members if m.ext in IMAGE_EXTS), None)
             label = next((m.data for m in item.members if m.ext == "cls"), None)
@@ -116,6 +142,79 @@ def scan_shard(shard_index: int, source: Shard | Path) -> Iterator[SampleRef | S
                 yield Skipped(item.key, shard_index, "bad_label", item.offset)
             else:
                 yield SampleRef(item.key, value, shard_index, image.offset, image.size)
+
+
+def index_break(shard: Shard, broken: BrokenShard, records: int, before: dict[str, Any] | None, policy: str,
+                where: Path) -> RdedError | None:
+    """What a shard that broke off in the index pass after `records` records means for the run: None (it is
+    counted: data.broken_shards = "skip", or it is the break the first attempt recorded) or the error that
+    ends the run. `before`: the first attempt's entry for the shard (rded.checkpoint.IndexDigest), on resume."""
+    if before is not None:
+        then = before.get("broken")
+        if then is not None and then["records"] == records and then["at"] == broken.key:
+            return None
+        how = "whole" if then is None else f"up to {then['at']}"
+        if shard.url is not None:
+            return InputUnavailable(
+                f"data.train: {shard.name}: the stream broke off at {broken.key} in the index pass ({broken.cause}); "
+                f"the run's first attempt read it {how}. The committed work is kept: rerun with --resume when the "
+                "source is back")
+        return JobError(f"--resume: the input shards changed since the unfinished run in {where} started: "
+                        f"{shard.name} now breaks off at {broken.key} ({broken.cause}); the first attempt read it "
+                        f"{how}. Its work is kept. Restore the shard, or pass --overwrite to start afresh")
+    if policy == "skip":
+        return None
+    if shard.url is not None:
+        return InputUnavailable(
+            f"data.train: {shard.name}: the stream broke off at {broken.key} in the index pass: {broken.cause}; "
+            "the committed work is kept: rerun with --resume when the source is back, or set "
+            'data.broken_shards = "skip" to count its samples as skipped')
+    return JobError(f"data.train: {shard.name}: the tar file breaks off at {broken.key}: {broken.cause} (a truncated "
+                    "or corrupt file: no retry can fix it); replace it, or set data.broken_shards = \"skip\" to "
+                    "count its samples as skipped")
+
+
+def unnamed(message: str, source: Shard | Path) -> str:
+    """A stream's error message without the shard's name in front (the caller names it)."""
+    name = f"{source.url}: " if isinstance(source, Shard) and source.url else ""
+    return message[len(name):] if name and message.startswith(name) else message
+
+
+def save_fetch_break(path: Path, at: str, cause: str, samples: int) -> None:
+    """A shard's fetch-pass break (data.broken_shards = "skip"), kept beside its score unit, before it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, json.dumps({"at": at, "cause": cause, "samples": samples}).encode())
+
+
+def load_fetch_break(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def fetch_break(shard: Shard, key: str, cause: str) -> InputUnavailable:
+    """The error of a stream that broke off in the second pass (data.broken_shards = "fail")."""
+    return InputUnavailable(
+        f"data.train: {shard.name}: the stream broke off in the second pass, fetching {key}: {unnamed(cause, shard)}; "
+        "the committed work is kept: rerun with --resume when the source is back, or set "
+        'data.broken_shards = "skip" to count its samples as skipped')
+
+
+def broken_shards(run: Any) -> list[dict[str, Any]]:
+    """Every input shard that broke off and was counted as skipped (data.broken_shards = "skip"), every rank's
+    (a collective: call it on every rank), in shard-name order, the index pass before the fetch pass. Each is
+    {"shard": its name as the job wrote it, "pass": "index" | "fetch", "at": where it stopped (the sample
+    it broke inside, "(after KEY)", "(start)"), "cause": why, "samples": its rows of corrupt_shard}."""
+    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    for part in run.ranks.gather(list(run.streams.broken.values())):
+        for b in part:
+            k = (b["shard"], b["pass"])
+            if k not in merged:
+                merged[k] = dict(b)
+            elif b["pass"] == "fetch":  # each rank lost its own drawn samples of the shard
+                merged[k]["samples"] += b["samples"]
+    return sorted(merged.values(), key=lambda b: (b["shard"], PASSES.index(b["pass"])))
 
 
 _LABEL = re.compile(rb"[ \t\r\n]*(-?[0-9]+)[ \t\r\n]*")
@@ -176,10 +275,16 @@ class FirstOccurrence:
         return True
 
 
-def shard_key_hashes(source: Shard | Path) -> np.ndarray:
-    """The distinct key hashes of one shard (a header walk), for the ranks' exchange before indexing.
-    (For a streamed shard this is one more read of it, made only by torchrun runs split by shard.)"""
-    with open_shard(source) as f:
-        hashes = {key_hash(item.key) for item in walk_samples(f, read=lambda ext: False)
-                  if not isinstance(item, BrokenAt)}
+def shard_key_hashes(source: Shard | Path, streams: Streams | None = None, replay: Replay | None = None) -> np.ndarray:
+    """The distinct key hashes of one shard (a header walk), for the ranks' exchange before indexing; up to
+    where it breaks off (or `replay` says it does). (For a streamed shard this is one more read of it, made
+    only by torchrun runs split by shard.)"""
+    hashes: set[int] = set()
+    if replay is not None and replay.records == 0:
+        return np.zeros(0, np.uint64)
+    with open_shard(source, streams) as f:
+        for n, item in enumerate(walk_samples(f, read=lambda ext: False)):
+            if isinstance(item, BrokenAt) or (replay is not None and n == replay.records):
+                break
+            hashes.add(key_hash(item.key))
     return np.fromiter(hashes, np.uint64, len(hashes))

@@ -35,16 +35,37 @@ def atomic_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.partial")
 
 
+def fsync_dir(path: Path) -> None:
+    """Make the names in a directory durable: a rename is only safe across a power loss once its directory
+    is synced. (A no-op where directories cannot be opened, e.g. on some network file systems.)"""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def replace_durably(src: Path, dst: Path) -> None:
+    """os.replace, then the destination's directory synced."""
+    os.replace(src, dst)
+    fsync_dir(Path(dst).parent)
+
+
 def write_bytes_atomic(path: Path, data: bytes, before_rename: Callable[[], None] = lambda: None) -> None:
-    """`data` written whole and synced under a temporary name, then renamed into place (`before_rename`
-    runs in between: a test's kill point)."""
+    """`data` written whole and synced under a temporary name, then renamed into place and the directory
+    synced (`before_rename` runs in between: a test's kill point)."""
     tmp = atomic_path(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     before_rename()
-    os.replace(tmp, path)
+    replace_durably(tmp, path)
 
 
 def copy_atomic(src: Path, dst: Path, check: Callable[[str], None] = lambda sha256: None) -> None:
@@ -63,7 +84,7 @@ def copy_atomic(src: Path, dst: Path, check: Callable[[str], None] = lambda sha2
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    os.replace(tmp, dst)
+    replace_durably(tmp, dst)
 
 
 def sha256_file(path: Path) -> str:
@@ -99,7 +120,7 @@ def write_tar(path: Path, samples: Iterable[tuple[str, Mapping[str, bytes]]]) ->
                     tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
         raw.flush()
         os.fsync(raw.fileno())
-    os.replace(tmp, path)
+    replace_durably(tmp, path)
     return sha256_file(path)
 
 
@@ -136,9 +157,11 @@ class Sample:
 
 @dataclass(frozen=True, slots=True)
 class BrokenAt:
-    """The shard breaks off here; `key` names the sample (or place) where reading stopped."""
+    """The shard breaks off here; `key` names the sample (or place) where reading stopped: the sample it
+    broke inside, `(after KEY)` when every sample came through but the end did not, `(start)`."""
 
     key: str
+    cause: str = ""  # what was wrong, in words
 
 
 def walk_samples(fileobj: BinaryIO, read: Callable[[str], bool] = lambda ext: True) -> Iterator[Sample | BrokenAt]:
@@ -146,22 +169,25 @@ def walk_samples(fileobj: BinaryIO, read: Callable[[str], bool] = lambda ext: Tr
     `read` accepts. A shard that breaks off (truncated or corrupt) ends with one `BrokenAt`, and the
     sample it broke inside is not yielded; the complete samples before it are.
 
-    `tarfile` stops silently at a broken header, so truncation is checked by hand: a member running past
-    the end of the file, or anything but zero padding after the last header. A forward-only stream
-    (`seekable()` false, see rded.streams) has no size to check against: it raises when data ends early,
-    and is read to its end so that the source's verdict (exit status, Content-Length) is checked too.
+    `tarfile` stops silently at a broken header or at the end of the data, so the end is checked by hand: a
+    member running past the end of the file, anything but zero padding after the last header, and the
+    end-of-archive marker (two zero blocks), without which the tar is truncated however neatly it ends
+    (e.g. exactly between two samples). A forward-only stream (`seekable()` false, see rded.streams) has no
+    size to check against: it raises when data ends early, and is read to its end so that the source's
+    verdict (exit status, Content-Length) is checked too.
     """
     file_size = fileobj.seek(0, os.SEEK_END) if fileobj.seekable() else None
     fileobj.seek(0)
     key: str | None = None
     members: list[Member] = []
-    broken_at: str | None = None
+    broken: BrokenAt | None = None
     try:
         with tarfile.open(fileobj=fileobj, mode="r:") as tar:
             for info in tar:
                 split = split_name(info.name)
                 if file_size is not None and info.offset_data + info.size > file_size:
-                    broken_at = split[0] if split else info.name
+                    broken = BrokenAt(split[0] if split else info.name,
+                                      f"truncated: {info.name} runs past the end of the file (byte {file_size})")
                     break
                 if not info.isfile() or split is None:
                     continue
@@ -175,30 +201,38 @@ def walk_samples(fileobj: BinaryIO, read: Callable[[str], bool] = lambda ext: Tr
                 data = tar.extractfile(info).read() if read(ext) else None
                 members.append(Member(ext, info.offset_data, info.size, data))
             else:
+                after = f"(after {key})" if key is not None else "(start)"
                 try:
-                    if _has_trailing_data(fileobj, tar.offset):
-                        broken_at = f"(after {key})"
+                    why = _end_problem(fileobj, tar.offset)
                     if file_size is None:  # a stream: read to its end, where the source gives its verdict
                         while fileobj.read(1 << 20):
                             pass
-                except OSError:
+                except OSError as e:
                     if file_size is not None:
                         raise
-                    broken_at = f"(after {key})"  # every sample came through; the source still failed
-    except (tarfile.TarError, OSError, EOFError):
-        broken_at = key or "(start)"
-    if broken_at is not None:
-        if key is not None and broken_at != key:
+                    why = str(e)  # every sample came through; the source still failed
+                if why is not None:
+                    broken = BrokenAt(after, why)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        broken = BrokenAt(key or "(start)", str(e) or type(e).__name__)
+    if broken is not None:
+        if key is not None and broken.key != key:
             yield Sample(key, members)
-        yield BrokenAt(broken_at)
+        yield broken
     elif key is not None:
         yield Sample(key, members)
 
 
-def _has_trailing_data(fileobj: BinaryIO, offset: int, limit: int = 1 << 20) -> bool:
-    """True when non-zero bytes follow the last member: a header tarfile could not read."""
+def _end_problem(fileobj: BinaryIO, offset: int, limit: int = 1 << 20) -> str | None:
+    """What is wrong with the end of a tar whose last header `tarfile` read ended at `offset`: non-zero
+    bytes (a header it could not read), or no end-of-archive marker (two zero blocks); None when fine."""
     fileobj.seek(offset)
-    return any(fileobj.read(limit))
+    marker = fileobj.read(2 * tarfile.BLOCKSIZE)
+    if any(marker) or any(fileobj.read(limit)):
+        return f"a damaged tar header or other data at byte {offset}"
+    if len(marker) < 2 * tarfile.BLOCKSIZE:
+        return f"truncated: the tar ends at byte {offset + len(marker)} without its end-of-archive blocks"
+    return None
 
 
 def read_samples(data: bytes, name: str) -> dict[str, dict[str, bytes]]:

@@ -243,7 +243,7 @@ def test_truncated_shard_keeps_what_came_before(write_job, data_dir, tmp_path):
     cut = tmp_path / "train-000000.tar"
     cut.write_bytes(full[: len(full) // 2 + 700])  # breaks off inside a member
     (tmp_path / "train-000001.tar").write_bytes((data_dir / "train-000001.tar").read_bytes())
-    job = write_job("cut.toml", data={"train": str(tmp_path / "train-{000000..000001}.tar")},
+    job = write_job("cut.toml", data={"train": str(tmp_path / "train-{000000..000001}.tar"), "broken_shards": "skip"},
                     distill={"subset": 100})
     run_distill(load_job(job), tmp_path / "out")
     report = json.loads((tmp_path / "out" / "report.json").read_text())

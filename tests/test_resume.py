@@ -109,7 +109,7 @@ def test_resume_refuses_a_changed_job_and_keeps_the_work(every_stage, tmp_path, 
     before = killed_run(job, out)
     assert main(["distill", str(job), "--out", str(out), "--resume", "--set", "distill.seed=1"]) == 2
     err = capsys.readouterr().err
-    assert "the job file or the --set overrides differ" in err and "--overwrite" in err
+    assert "it differs in distill.seed (0, now 1)" in err and "--overwrite" in err
     assert {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
 
 
@@ -136,7 +136,7 @@ def test_resume_refuses_another_version(every_stage, tmp_path, monkeypatch, caps
     killed_run(job, out)
     monkeypatch.setattr(rded.distill, "__version__", "9.9.9")
     assert main(["distill", str(job), "--out", str(out), "--resume"]) == 2
-    assert "rded changed since it started (then 0.1.0, now 9.9.9)" in capsys.readouterr().err
+    assert 'versions.rded ("0.1.0", now "9.9.9")' in capsys.readouterr().err
 
 
 def test_resume_of_a_finished_run_does_nothing_and_of_nothing_runs_the_job(every_stage, tmp_path, capsys):

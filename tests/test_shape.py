@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
 # Each module's layer: a module may import modules of its own layer or below, never above.
 LAYERS = [
     {"errors", "keyed", "records", "geometry", "normalization", "tario", "streams", "labels", "heap", "models", "runtime"},
-    {"config", "rundir", "report", "dist", "checkpoint"},
+    {"config", "rundir", "report", "dist", "checkpoint", "staging"},
     {"source", "select", "crops", "observer", "score", "write", "refine", "relabel", "loader", "synthetic", "train"},
     {"distill"},
     {"evaluate", "bench", "demo"},
@@ -140,3 +140,17 @@ def test_unknown_observer_kind_is_a_bad_job(write_job, tmp_path, capsys):
     assert main(["distill", str(write_job(observer={"kind": "resnet-9000"})), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "observer.kind: unknown observer 'resnet-9000'" in err and "efficientnet-lite0" in err
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def test_no_function_is_longer_than_the_architecture_allows():
+    long = []
+    for path in sorted(PACKAGE.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.stem}.{node.name}: {lines} lines")
+    assert not long, long

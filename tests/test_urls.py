@@ -1,5 +1,6 @@
 """Shards from URLs: http(s)://, pipe: and file: give the same outputs as local files, each streamed shard
-is read at most twice, and a source that fails mid-shard is counted, never silently short."""
+is read at most twice, and a source that still fails mid-shard after its retries is counted (with
+data.broken_shards = "skip"), never silently short. Transient faults: test_stream_faults.py."""
 
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ SHARDS = ("train-000000.tar", "train-000001.tar")
 
 @contextmanager
 def serve(folder: Path, drop: dict[str, int] | None = None):
-    """An HTTP server for `folder` on 127.0.0.1; `drop` {file name: n}: the n-th request for that file
-    (1-based) announces the full Content-Length but closes after half the bytes. Yields (base URL, requests)."""
+    """An HTTP server for `folder` on 127.0.0.1; `drop` {file name: n}: from the n-th request for that file on
+    (1-based), it announces the full Content-Length but closes after half the bytes. Yields (base URL, requests)."""
     requests: Counter[str] = Counter()
     drop = drop or {}
 
@@ -36,7 +37,7 @@ def serve(folder: Path, drop: dict[str, int] | None = None):
         def do_GET(self):
             name = self.path.lstrip("/")
             requests[name] += 1
-            if drop.get(name) == requests[name]:
+            if name in drop and requests[name] >= drop[name]:
                 data = (folder / name).read_bytes()
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(data)))
@@ -60,9 +61,15 @@ def serve(folder: Path, drop: dict[str, int] | None = None):
         server.server_close()
 
 
+def skip(retries: int = 1) -> dict[str, dict]:
+    """Job sections where a shard that stays broken after `retries` quick retries is counted as skipped."""
+    return {"data": {"broken_shards": "skip"}, "runtime": {"retries": retries, "retry_backoff": 0.01}}
+
+
 def run(write_job, tmp_path: Path, name: str, train: str, **sections) -> Path:
     out = tmp_path / name
-    run_distill(load_job(write_job(f"{name}.toml", data={"train": train}, **sections)), out)
+    sections["data"] = {**sections.get("data", {}), "train": train}
+    run_distill(load_job(write_job(f"{name}.toml", **sections)), out)
     return out
 
 
@@ -103,8 +110,9 @@ def test_pipe_and_file_shards_match_local_files(write_job, data_dir, baseline_ru
 
 def test_connection_dropped_in_the_second_pass_is_counted(write_job, data_dir, baseline_run, tmp_path):
     with serve(data_dir, drop={SHARDS[1]: 2}) as (base, requests):
-        out = run(write_job, tmp_path, "drop2", base + "/train-{000000..000001}.tar", distill={"subset": 100})
-    assert max(requests.values()) <= 2
+        out = run(write_job, tmp_path, "drop2", base + "/train-{000000..000001}.tar", distill={"subset": 100},
+                  **skip())
+    assert requests == {SHARDS[0]: 2, SHARDS[1]: 3}  # the second pass's read, retried once
     rows = ledger(out)
     all_keys = [(k, s) for s in SHARDS for k in sample_keys(data_dir / s)]
     assert sorted((r["key"], r["shard"].rsplit("/", 1)[1]) for r in rows) == sorted(all_keys)  # each once
@@ -117,26 +125,27 @@ def test_connection_dropped_in_the_second_pass_is_counted(write_job, data_dir, b
 
 def test_connection_dropped_in_the_index_pass_keeps_what_came_before(write_job, data_dir, tmp_path):
     with serve(data_dir, drop={SHARDS[0]: 1}) as (base, requests):
-        out = run(write_job, tmp_path, "drop1", base + "/train-{000000..000001}.tar")
+        out = run(write_job, tmp_path, "drop1", base + "/train-{000000..000001}.tar", **skip())
     rows = ledger(out)
     lost = [r for r in rows if r["reason"] == "corrupt_shard"]
     assert len(lost) == 1 and lost[0]["shard"] == f"{base}/{SHARDS[0]}"
     kept = [r for r in rows if r["shard"] == f"{base}/{SHARDS[0]}" and r["reason"] != "corrupt_shard"]
     assert 0 < len(kept) < len(sample_keys(data_dir / SHARDS[0]))
-    assert max(requests.values()) <= 2
+    assert requests[SHARDS[0]] <= 3 and requests[SHARDS[1]] == 2  # the index pass's read retried once
 
 
 def test_missing_url_is_a_corrupt_shard(write_job, data_dir, tmp_path):
-    with serve(data_dir) as (base, _):
-        out = run(write_job, tmp_path, "missing", [base + "/train-000000.tar", base + "/nope.tar"])
+    with serve(data_dir) as (base, requests):
+        out = run(write_job, tmp_path, "missing", [base + "/train-000000.tar", base + "/nope.tar"], **skip())
     lost = [r for r in ledger(out) if r["reason"] == "corrupt_shard"]
     assert [(r["key"], r["shard"]) for r in lost] == [("(start)", base + "/nope.tar")]
+    assert requests["nope.tar"] == 1  # a 404 is permanent: not retried
 
 
 def test_pipe_that_exits_non_zero_is_counted(write_job, data_dir, tmp_path):
     failing = f"pipe:cat {data_dir / SHARDS[1]}; exit 3"
     cut = f"pipe:head -c 30000 {data_dir / SHARDS[0]}"
-    out = run(write_job, tmp_path, "pipefail", [cut, failing])
+    out = run(write_job, tmp_path, "pipefail", [cut, failing], **skip())
     lost = {r["shard"]: r for r in ledger(out) if r["reason"] == "corrupt_shard"}
     assert set(lost) == {cut, failing}
     assert lost[failing]["key"].startswith("(after ")  # every sample came through: all kept
@@ -147,7 +156,7 @@ def test_pipe_that_exits_non_zero_is_counted(write_job, data_dir, tmp_path):
 
 def test_no_readable_shard_is_one_error_not_an_empty_run(write_job, data_dir, tmp_path, capsys):
     with serve(data_dir) as (base, _):
-        job = write_job(data={"train": [base + "/nope-0.tar", base + "/nope-1.tar"]})
+        job = write_job(data={"train": [base + "/nope-0.tar", base + "/nope-1.tar"], "broken_shards": "skip"})
         rc = main(["distill", str(job), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and "no usable sample in 2 shards" in err and "2 corrupt_shard" in err, err
@@ -211,19 +220,32 @@ def test_output_names_are_file_names_unless_they_collide():
 
 
 def test_spool_finishes_each_shard_before_the_next(tmp_path):
-    """One spool file open at a time (ImageNet has 1,024 shards; the default limit is 1,024 open files)."""
+    """One spool file open at a time (ImageNet has 1,024 shards; the default limit is 1,024 open files); each
+    member indexed with its CRC-32, and a damaged spool is caught, never read as winners' bytes."""
+    import zlib
+
     import numpy as np
 
-    from rded.streams import MemberSpool
+    from rded.records import Shard
+    from rded.streams import MemberSpool, SpooledMembers, spool_is_whole
 
     spool = MemberSpool(tmp_path, rank=0)
     spool.put(0, 512, b"a" * 10)
     spool.put(0, 2048, b"b" * 5)
     assert not (tmp_path / "r0-s0.npy").exists()
     spool.put(3, 512, b"c" * 7)
-    assert np.load(tmp_path / "r0-s0.npy").tolist() == [[512, 0, 10], [2048, 10, 5]]
+    assert np.load(tmp_path / "r0-s0.npy").tolist() == [[512, 0, 10, zlib.crc32(b"a" * 10)],
+                                                        [2048, 10, 5, zlib.crc32(b"b" * 5)]]
     with pytest.raises(RuntimeError):
         spool.put(0, 4096, b"d")
     spool.close()
-    assert np.load(tmp_path / "r0-s3.npy").tolist() == [[512, 0, 7]]
+    spool.seal(5)  # a shard none of whose members was kept: an empty spool, which is whole
+    assert np.load(tmp_path / "r0-s3.npy").tolist() == [[512, 0, 7, zlib.crc32(b"c" * 7)]]
     assert (tmp_path / "r0-s3.bin").read_bytes() == b"c" * 7
+    assert spool_is_whole(tmp_path, 0, 0) and spool_is_whole(tmp_path, 0, 5) and not spool_is_whole(tmp_path, 0, 1)
+    (tmp_path / "r0-s0.bin").write_bytes(b"a" * 9 + b"X" + b"b" * 5)  # damaged on disk
+    assert not spool_is_whole(tmp_path, 0, 0)
+    shards = [Shard(f"http://x/{i}.tar", None, f"http://x/{i}.tar") for i in range(4)]
+    with pytest.raises(OSError, match="damaged"):
+        SpooledMembers(shards, tmp_path)(0, 512, 10)
+    assert SpooledMembers(shards, tmp_path)(0, 2048, 5) == b"b" * 5
