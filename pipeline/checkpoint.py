@@ -47,6 +47,14 @@ NOT_IN_IDENTITY = {"runtime": {"batch_size", "dali_threads", "max_batch_pixels",
                                "dist_timeout", "threads"}}
 
 
+def without_attempt_settings(job: dict[str, Any]) -> dict[str, Any]:
+    """The job as a manifest records it: less the settings that may change between attempts, so that a run
+    resumed with a smaller batch size publishes the bytes of the run never interrupted (report.json records
+    each attempt's own)."""
+    return {section: ({k: v for k, v in values.items() if k not in NOT_IN_IDENTITY.get(section, ())}
+                      if isinstance(values, dict) else values) for section, values in job.items()}
+
+
 def result_settings(job: dict[str, Any]) -> dict[str, Any]:
     """The job's validated settings that decide the output, as dotted keys (`distill.seed`)."""
     flat: dict[str, Any] = {}

@@ -30,7 +30,7 @@ import torch
 from . import __version__
 from .checkpoint import FORMAT as CHECKPOINT_FORMAT
 from .checkpoint import (Checkpoint, IndexDigest, event, identity_differences, npz_arrays, npz_bytes, publish_step,
-                         result_settings, run_identity)
+                         result_settings, run_identity, without_attempt_settings)
 from .config import JobConfig, ObserverConfig
 from .crops import Cutter
 from .dist import Ranks, from_environment, restarts_share_the_agent_store, shutdown
@@ -855,7 +855,8 @@ def build_manifest(run: Run, result: WriteResult, label_stats: LabelStats, relab
     # the versions, so that a release that changes nothing else does not refuse it)
     identity = {k: v for k, v in run.identity.items() if k not in ("ranks", "code_sha256")}
     manifest = Manifest(
-        format=MANIFEST_FORMAT, versions=versions(), job=run.job.public_dict(), device=run.device.type,
+        format=MANIFEST_FORMAT, versions=versions(), job=without_attempt_settings(run.job.public_dict()),
+        device=run.device.type,
         decoder=run.decoder, precision=run.compute.precision, ipc=cfg.ipc, tiers=cfg.tiers,
         images=sum(s.samples for s in result.shards),
         classes=[ClassRecord(c, run.class_names[c], drawn_count.get(c, 0), n) for c, n in per_class.items()],
@@ -898,6 +899,7 @@ def write_report(run: Run, summary: Summary, accounting: dict[str, Any], attempt
         "device": run.device.type,
         "decoder": run.decoder,
         "compute": run.compute.record(),
+        "runtime": run.job.runtime.model_dump(mode="json"),  # this attempt's, batch sizes and retries included
         "threads": torch.get_num_threads(),  # intra-op threads of this (main) process's model calls
         "ranks": run.ranks.world,
         "stages": run.timings.as_dict(),

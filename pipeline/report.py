@@ -3,6 +3,7 @@ timed, long work shows a progress bar."""
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
@@ -14,7 +15,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from .tario import atomic_path
+from .tario import atomic_path, replace_durably
 
 # Ledger statuses, in the order a sample can reach them.
 SKIPPED = "skipped"  # with a reason (shards/README.md lists them)
@@ -169,7 +170,9 @@ def assemble_ledger(parts: list[Path], out: Path) -> dict[str, Any]:
                     if len(kept) < EXAMPLES_PER_REASON:
                         kept.append(f"{shard}:{key}" + (f"@{offset}" if offset else ""))
                 dst.write(row)
-        atomic_ledger.replace(out)
+            dst.flush()
+            os.fsync(dst.fileno())
+        replace_durably(atomic_ledger, out)
     finally:
         for f in files:
             f.close()

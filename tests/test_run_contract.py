@@ -263,3 +263,36 @@ def test_check_says_what_a_start_would_do_and_writes_nothing(contract, tmp_path,
     bad = tmp_path / "bad.toml"
     bad.write_text(job.read_text().replace("crops = 3", "crops = 0"))
     assert main(["distill", str(bad), "--out", str(out), "--resume", "--check"]) == 2
+
+
+# -- durability
+
+
+def test_every_rename_in_the_run_directory_is_followed_by_a_sync_of_its_directory(contract, tmp_path, monkeypatch):
+    """A rename survives a power loss only once its directory is synced: every rename into the run's folders
+    (units, spools, shards, the manifest) is followed by an fsync of that directory, and every file renamed
+    into place was synced before (by inode). The real calls run; they are only recorded."""
+    job, reference = contract
+    out = tmp_path / "out"
+    events: list[tuple[str, str, int]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        real_fsync(fd)
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_ino))
+
+    def replace(src, dst, **kwargs):
+        real_replace(src, dst, **kwargs)
+        events.append(("rename", str(dst), os.stat(dst).st_ino))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    run_distill(load_job(job), out)
+    assert run_files(out) == run_files(reference)
+    renames = [(i, dst, ino) for i, (kind, dst, ino) in enumerate(events) if kind == "rename" and dst.startswith(str(out))]
+    assert len(renames) > 10
+    for i, dst, ino in renames:
+        synced_dirs_after = {path for kind, path, _ in events[i + 1:] if kind == "fsync"}
+        assert str(Path(dst).parent) in synced_dirs_after, f"{dst}: its directory was never synced after the rename"
+        if not Path(dst).is_dir():
+            assert ino in {n for kind, _, n in events[:i] if kind == "fsync"}, f"{dst} was renamed into place unsynced"
