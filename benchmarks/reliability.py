@@ -3,11 +3,14 @@
 1. fsync: the ImageWoof job (jobs/imagewoof.toml, IPC 10) run once, every os.fsync timed: their count and
    seconds against the job's seconds.
 2. the retries' bookkeeping: the index pass (a header walk of every train shard) read over HTTP from a
-   server on 127.0.0.1, fault-free, repeated; against the same walk of the local files.
+   server on 127.0.0.1, fault-free, repeated; against the same walk of the local files, and against the
+   same HTTP walk by the code of `--baseline-rev` (before streams were retried), in a git worktree.
 3. one retried shard: the same walk with one connection reset half-way through one shard, with the
-   server answering Range requests and without (the retry then refetches from the start).
+   server answering Range requests and without (the retry then refetches from the start and skips what it
+   had), with no backoff wait (the wait, 1 s by default, comes on top).
 
-    .venv/bin/python benchmarks/reliability.py [--skip-job] [--repeats 3] [--out out/reliability.json]
+    .venv/bin/python benchmarks/reliability.py [--skip-job] [--repeats 3] [--baseline-rev a561f4f]
+                                               [--out out/reliability.json]
 """
 
 from __future__ import annotations
@@ -81,8 +84,9 @@ def serve(folder: Path, *, ranges: bool, reset: dict[str, int]):
                 self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
             else:
                 self.send_response(200)
-            if ranges:
+            if ranges:  # with a validator, as object stores send: If-Range needs one
                 self.send_header("Accept-Ranges", "bytes")
+                self.send_header("Last-Modified", self.date_time_string((folder / name).stat().st_mtime))
             self.send_header("Content-Length", str(len(data) - start))
             self.end_headers()
             body = data[start:]
@@ -99,7 +103,7 @@ def serve(folder: Path, *, ranges: bool, reset: dict[str, int]):
     return server, requests
 
 
-def walk_all(names: list[str]) -> tuple[float, int]:
+def walk_all(names: list[str], backoff: float = 0.0) -> tuple[float, int]:
     """The index pass's reads (rded.source.scan_shard, retrying as a job does) over every shard; seconds and
     records."""
     from rded.config import job_from_dict
@@ -107,7 +111,7 @@ def walk_all(names: list[str]) -> tuple[float, int]:
     from rded.streams import RetryPolicy, Streams
 
     job = job_from_dict({"data": {"train": names}, "observer": {"kind": "efficientnet-lite0"},
-                         "runtime": {"retry_backoff": 0.5, "progress": False}}, base_dir=DATA)
+                         "runtime": {"retry_backoff": backoff, "progress": False}}, base_dir=DATA)
     streams = Streams(RetryPolicy.of(job.runtime))
     t0 = time.perf_counter()
     records = 0
@@ -116,7 +120,39 @@ def walk_all(names: list[str]) -> tuple[float, int]:
     return time.perf_counter() - t0, records
 
 
-def walks(repeats: int) -> dict:
+OLD_WALK = """
+import sys, time
+from rded.config import job_from_dict
+from rded.source import expand_shards, scan_shard
+job = job_from_dict({"data": {"train": sys.argv[1:]}, "observer": {"kind": "efficientnet-lite0"}}, base_dir=".")
+t0 = time.perf_counter()
+n = sum(1 for i, s in enumerate(expand_shards(job)) for _ in scan_shard(i, s))
+print(time.perf_counter() - t0, n)
+"""
+
+
+def baseline_walk(rev: str, urls: list[str], repeats: int) -> float:
+    """The same HTTP walk with the code of `rev` (a worktree whose pipeline/ is imported as rded)."""
+    import subprocess
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="rded-baseline-"))
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tmp / "tree"), rev], check=True,
+                   capture_output=True)
+    try:
+        (tmp / "pkg").mkdir()
+        (tmp / "pkg" / "rded").symlink_to(tmp / "tree" / "pipeline")
+        times = []
+        for _ in range(repeats):
+            out = subprocess.run([sys.executable, "-c", OLD_WALK, *urls], capture_output=True, text=True, check=True,
+                                 env={**os.environ, "PYTHONPATH": str(tmp / "pkg")}).stdout.split()
+            times.append(float(out[0]))
+        return min(times)
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tmp / "tree")], check=True)
+
+
+def walks(repeats: int, baseline_rev: str | None) -> dict:
     shards = sorted(p.name for p in DATA.glob("train-*.tar"))
     result = {"shards": len(shards), "bytes": sum((DATA / s).stat().st_size for s in shards)}
     local = [walk_all([str(DATA / s)])[0] for s in shards for _ in range(repeats)]
@@ -125,13 +161,15 @@ def walks(repeats: int) -> dict:
         server, _ = serve(DATA, ranges=ranges, reset={})
         base = f"http://127.0.0.1:{server.server_address[1]}/"
         clean = [walk_all([base + s for s in shards])[0] for _ in range(repeats)]
+        baseline = baseline_walk(baseline_rev, [base + s for s in shards], repeats) if baseline_rev else None
         server.shutdown()
         server, requests = serve(DATA, ranges=ranges, reset={shards[0]: 1})
         base = f"http://127.0.0.1:{server.server_address[1]}/"
         retried, records = walk_all([base + s for s in shards])
         server.shutdown()
         key = "http_ranges" if ranges else "http_no_ranges"
-        result[key] = {"clean_s": round(min(clean), 3), "one_reset_s": round(retried, 3),
+        result[key] = {"clean_s": round(min(clean), 3), "clean_before_retries_s": baseline and round(baseline, 3),
+                       "one_reset_s": round(retried, 3),
                        "one_reset_extra_s": round(retried - min(clean), 3), "records": records,
                        "requests_for_the_reset_shard": requests[shards[0]]}
     return result
@@ -141,10 +179,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--skip-job", action="store_true", help="only the stream measurements")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--baseline-rev", default=None, help="also time the HTTP walk with this git revision's code")
     p.add_argument("--out", default=str(ROOT / "out" / "reliability.json"))
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
-    result = {"cpu": cpu_name(), "cores": os.cpu_count(), "walks": walks(args.repeats)}
+    result = {"cpu": cpu_name(), "cores": os.cpu_count(), "walks": walks(args.repeats, args.baseline_rev)}
     print(json.dumps(result, indent=2), flush=True)
     if not args.skip_job:
         result["job"] = timed_fsync_job(ROOT / "out" / "reliability-job")
