@@ -1,5 +1,5 @@
-"""Grid, tier and view geometry: where each patch sits in a distilled image, which patch ranks each tier
-uses, and the training views (grid shuffle, RandomResizedCrop, flip) that soft labels are stored for.
+"""The training views (grid shuffle, RandomResizedCrop, flip) on torch tensors, and the one decoder of
+distilled images; the geometry itself (cells, tiers, view parameters) is rded.grid, torch-free.
 
 Imports only torch, numpy and Pillow, so that a user's training process (rded.loader) stays light.
 """
@@ -16,57 +16,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .keyed import Window, keyed_permutation, keyed_u64, random_resized_crop
-
-VIEW_RATIO = (3 / 4, 4 / 3)  # the authors' training RandomResizedCrop ratio
-
-
-def cell_boxes(resolution: int, factor: int) -> list[tuple[int, int, int, int]]:
-    """(x0, y0, x1, y1) of each cell, row-major; the first rows/columns take the leftover pixels."""
-    base, extra = divmod(resolution, factor)
-    sizes = [base + 1 if i < extra else base for i in range(factor)]
-    starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
-    return [(starts[c], starts[r], starts[c + 1], starts[r + 1]) for r in range(factor) for c in range(factor)]
-
-
-def tier_layout(tiers: Sequence[int], cells: int, available: int) -> list[list[int]]:
-    """For each distilled image of a class, the patch ranks of its cells (row-major).
-
-    Tier (a, b] uses ranks cells*a .. cells*b - 1, rank-strided within itself: with n = b - a images,
-    cell k of the tier's image j holds rank cells*a + k*n + j. A class with too few patches gets the
-    whole images it can fill, its last tier shrunk (and still rank-strided within itself).
-    """
-    layout: list[list[int]] = []
-    prev = 0
-    for t in tiers:
-        base = cells * prev
-        n = min(t - prev, max(0, (available - base) // cells))
-        for j in range(n):
-            layout.append([base + k * n + j for k in range(cells)])
-        if n < t - prev:
-            break
-        prev = t
-    return layout
-
-
-@dataclass(frozen=True, slots=True)
-class View:
-    col_perm: tuple[int, ...]
-    row_perm: tuple[int, ...]
-    crop: Window  # x, y, w, h on the grid-shuffled image
-    flip: bool
-
-
-def draw_view(seed: int, key: str, view_index: int, resolution: int, factor: int) -> View:
-    """Training view `view_index` of distilled image `key`: what the authors' training does to it."""
-    parts = ("view", key, view_index)
-    return View(
-        col_perm=keyed_permutation(factor, seed, *parts, "col"),
-        row_perm=keyed_permutation(factor, seed, *parts, "row"),
-        crop=random_resized_crop(seed, parts, resolution, resolution, (1.0 / factor, 1.0), VIEW_RATIO),
-        flip=keyed_u64(seed, *parts, "flip") % 2 == 1,
-    )
-
+from .grid import VIEW_RATIO, View, cell_boxes, draw_view, stored_view, tier_layout  # noqa: F401 (one place)
+from .keyed import Window
 
 def shuffle_grid(image: torch.Tensor, col_perm: tuple[int, ...], row_perm: tuple[int, ...]) -> torch.Tensor:
     """Permute the grid's column strips, then its row strips (cells keep their own sizes)."""

@@ -233,3 +233,20 @@ def decode_records(data: bytes) -> np.ndarray:
     """A member's first (in views members, only) array."""
     raw = zstandard.ZstdDecompressor().decompress(data)
     return np.load(io.BytesIO(raw), allow_pickle=False)
+
+
+def read_image_labels(members: dict[str, bytes], num_classes: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """An image's stored view records and, for partial labels, its tail basis, from its members in a label
+    shard (format 2: one member; format 1: views, then regions). ValueError when they are missing or do not
+    read back whole."""
+    if LABELS_MEMBER in members:
+        views, _, tail = decode_image_labels(members[LABELS_MEMBER])
+    elif "views.npy.zst" in members:
+        views, tail = decode_records(members["views.npy.zst"]), None
+    else:
+        raise ValueError("no labels")
+    if needs_tail(views):
+        rank = views.dtype["coef"].shape[0] if views.dtype["coef"].shape else 1
+        if tail is None or tail.shape != (rank, num_classes):
+            raise ValueError(f"holds no tail basis of {rank} x {num_classes}")
+    return views, tail
