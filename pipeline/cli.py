@@ -50,6 +50,18 @@ def cmd_slice(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .config import ExportConfig
+    from .export import export_run
+
+    cfg = command_config(ExportConfig, {"run": args.dir, "format": args.format, "out": args.out,
+                                        "overwrite": args.overwrite})
+    record = export_run(cfg.run, cfg.format, cfg.out, overwrite=cfg.overwrite)
+    images = sum(c["images"] for c in record["classes"])
+    print(f"rded: done: {cfg.format}: {images} images of {len(record['classes'])} classes -> {cfg.out}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import run_eval
 
@@ -102,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_slice, command_parser=p)
+
+    _export_parser(sub)
 
     p = sub.add_parser("eval", help="train a student on a distilled run and report validation accuracy")
     p.add_argument("--distilled", required=True, help="a finished run or slice")
@@ -180,6 +194,17 @@ def _distill_parser(sub: argparse._SubParsersAction) -> None:
                         "then exit: 0 when the run can start or continue, 2 naming the problem; launch files run "
                         "it before torchrun so that a bad job fails once, not once per restart")
     p.set_defaults(func=cmd_distill, command_parser=p)
+
+
+def _export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="a finished run or slice as an image folder, DD-Ranking tensors or .npy labels")
+    p.add_argument("dir", help="a finished run or slice")
+    p.add_argument("--format", required=True, metavar="FORMAT",
+                   help="imagefolder (torchvision ImageFolder), ddranking (.pt tensors) or arrays (.npy view labels "
+                        "as WebDataset tars); see docs/export.md")
+    p.add_argument("--out", required=True, help="an absent or empty directory")
+    p.add_argument("--overwrite", action="store_true", help="replace the previous export in --out (only its files)")
+    p.set_defaults(func=cmd_export, command_parser=p)
 
 
 def _compute_flags(p: argparse.ArgumentParser) -> None:

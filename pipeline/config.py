@@ -355,6 +355,13 @@ class SliceConfig(_Command):
     overwrite: bool = False
 
 
+class ExportConfig(_Command):
+    run: Path = Field(description="a finished run or slice")
+    format: Literal["imagefolder", "ddranking", "arrays"] = Field(description="the layout (docs/export.md)")
+    out: Path = Field(description="an absent or empty directory, or a previous export with overwrite")
+    overwrite: bool = Field(False, description="replace the previous export in out (only the files it lists)")
+
+
 class EvalConfig(_Command):
     distilled: Path = Field(description="a finished run or slice")
     val: list[str] = Field(min_length=1, description="validation shard paths or brace patterns")
