@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv at the repository root and installs rded into it from pyproject.toml (idempotent).
 #   ./setup.sh              everything: the README's set-up
-#   ./setup.sh --deps-only  only what pyproject.toml lists (dependencies, test extras, build requirements);
+#   ./setup.sh --deps-only  only what pyproject.toml lists (dependencies, the job and test extras, build requirements);
 #                           reads pyproject.toml alone, not the code (the container image's cached layer)
 #   ./setup.sh --no-deps    then rded itself, offline, without touching the dependencies
 # The two phases together install what the plain ./setup.sh does.
@@ -30,7 +30,7 @@ pip_install() {
 }
 case "$MODE" in
   all)
-    pip_install -e '.[test]'
+    pip_install -e '.[job,test]'
     ;;
   --deps-only)
     requirements="$(mktemp)"
@@ -38,8 +38,8 @@ case "$MODE" in
     .venv/bin/python - >"$requirements" <<'EOF'
 import tomllib
 p = tomllib.load(open("pyproject.toml", "rb"))
-print("\n".join(p["build-system"]["requires"] + p["project"]["dependencies"]
-                + p["project"]["optional-dependencies"]["test"]))
+extras = p["project"]["optional-dependencies"]
+print("\n".join(p["build-system"]["requires"] + p["project"]["dependencies"] + extras["job"] + extras["test"]))
 EOF
     pip_install -r "$requirements"
     .venv/bin/python -c "import torch, nvidia.dali, webdataset" \

@@ -8,9 +8,30 @@ import os
 import sys
 from pathlib import Path
 
-from .config import (BenchConfig, DemoConfig, EvalConfig, SliceConfig, TrainObserverConfig, command_config,
-                     load_job)
 from .errors import EXIT_BAD_JOB, EXIT_PUBLISHED_WITH_BROKEN_SHARDS, OptionError, OutputExists, RdedError
+
+try:  # the job's packages are the extra rded[job]: without them, `main` says what to install
+    from .config import (BenchConfig, DemoConfig, EvalConfig, SliceConfig, TrainObserverConfig, command_config,
+                         load_job)
+except ModuleNotFoundError:
+    pass
+
+# what the commands import (`pip install "rded[job]"`); the reader needs none of them
+JOB_MODULES = ("pydantic", "torch", "torchvision", "nvidia.dali", "webdataset", "tqdm", "braceexpand")
+
+
+def missing_job_modules() -> list[str]:
+    import importlib.util
+
+    missing = []
+    for name in JOB_MODULES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a parent package missing, or the module blocked
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
 
 
 def _err(msg: str, code: int = EXIT_BAD_JOB) -> int:
@@ -223,6 +244,9 @@ def _flag(command: argparse.ArgumentParser, option: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if missing := missing_job_modules():
+        return _err(f"the job's packages are not installed ({', '.join(missing)} missing): pip install \"rded[job]\" "
+                    "(the reader alone, rded.numpy_reader and rded.DistilledDataset, needs none of them)")
     if "TORCHELASTIC_ERROR_FILE" in os.environ:  # under torchrun: its failure summary gets our traceback
         from torch.distributed.elastic.multiprocessing.errors import record
 

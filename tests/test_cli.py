@@ -95,3 +95,17 @@ def test_sigterm_mid_run_leaves_nothing_finished_looking_and_resume_completes(wr
     assert main(["distill", str(job), "--out", str(out), "--resume"]) == 0
     assert (out / "manifest.json").is_file() and not (out / ".rded-staging").exists()
     assert json.loads((out / "report.json").read_text())["checkpoint"]["units_reused"]["score_shards"] == 2
+
+
+@pytest.mark.parametrize("blocked", ["pydantic", "webdataset"])
+def test_without_the_job_extra_the_command_says_what_to_install(blocked, tmp_path):
+    """A reader-only install (`pip install rded`) lacks the job's packages: one line and exit 2, no traceback.
+    (The package is blocked from importing in a real interpreter.)"""
+    code = (f"import sys; sys.modules[{blocked!r}] = None\n"
+            "from rded.cli import main\n"
+            f"sys.exit(main(['distill', 'job.toml', '--out', {str(tmp_path / 'o')!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == (f"rded: error: the job's packages are not installed ({blocked} missing): "
+                                   "pip install \"rded[job]\" (the reader alone, rded.numpy_reader and "
+                                   "rded.DistilledDataset, needs none of them)")

@@ -56,11 +56,11 @@ def test_dockerfile_installs_as_the_readme_does():
 
 
 def test_setup_phases_are_the_plain_setup():
-    """--deps-only installs pyproject's dependencies, test extras and build requirements; --no-deps rded."""
+    """--deps-only installs pyproject's dependencies, job and test extras and build requirements; --no-deps rded."""
     script = (ROOT / "setup.sh").read_text()
-    assert "pip_install -e '.[test]'" in script
+    assert "pip_install -e '.[job,test]'" in script
     for needed in ('["build-system"]["requires"]', '["project"]["dependencies"]',
-                   '["project"]["optional-dependencies"]["test"]', "--no-deps --no-build-isolation -e ."):
+                   'extras["job"] + extras["test"]', "--no-deps --no-build-isolation -e ."):
         assert needed in script
     proc = subprocess.run([str(ROOT / "setup.sh"), "--bogus"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "usage" in proc.stderr
