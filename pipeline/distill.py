@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .cards import write_cards
 from .checkpoint import FORMAT as CHECKPOINT_FORMAT
 from .checkpoint import (Checkpoint, IndexDigest, event, identity_differences, npz_arrays, npz_bytes, publish_step,
                          result_settings, run_identity, without_attempt_settings)
@@ -841,6 +842,7 @@ def finish(run: Run, result: WriteResult, label_stats: LabelStats, relabeler: Re
         write_contact_sheet(run.staging / "contact-sheet.png", result.thumbnails)
         write_report(run, summary, accounting, {"checkpoint": Checkpoint.report(checkpoints), "streams": streams},
                      per_class, manifest)
+        write_cards(run.staging, manifest)  # README.md (a Hugging Face dataset card) and _info.json (timm's split file)
         run.layout.publish(manifest)
         return "published"
 

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .cards import CARD_FILES, write_cards
 from .errors import OutputExists, RunError
 from .tario import copy_atomic, read_samples, sha256_file, write_bytes_atomic
 
@@ -180,7 +181,7 @@ def remove_previous_run(out_dir: Path) -> None:
     (out_dir / MANIFEST).unlink(missing_ok=True)
     for old in [*out_dir.glob("distilled-*.tar"), *out_dir.glob("labels-*.tar")]:
         old.unlink()
-    for name in RECORDS:
+    for name in (*RECORDS, *CARD_FILES):
         (out_dir / name).unlink(missing_ok=True)
 
 
@@ -207,6 +208,7 @@ def slice_run(src: Path, ipc: int, out_dir: Path, *, overwrite: bool = False) ->
                      classes=[replace(c, images=min(c.images, ipc)) for c in manifest.classes])
     if manifest.refine is not None:  # the batches of the images kept
         sliced.refine = {**manifest.refine, "batches": [b for b in manifest.refine["batches"] if b["image_index"] < ipc]}
+    write_cards(out_dir, sliced)  # the slice's own dataset card and timm split file, before the manifest commits it
     write_json(out_dir / MANIFEST, sliced.to_json())
     return sliced
 

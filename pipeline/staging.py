@@ -28,6 +28,7 @@ import socket
 import time
 from pathlib import Path
 
+from .cards import CARD_FILES
 from .checkpoint import CHECKPOINT, publish_step
 from .errors import RunError, RunLocked
 from .rundir import MANIFEST, RECORDS, STAGING, Manifest, remove_previous_run, verify_run, write_json
@@ -227,8 +228,8 @@ class Staging:
 
 def published_files(manifest: Manifest) -> list[str]:
     """What a run publishes besides its manifest: the records (a contact sheet when there are images), then
-    every image and label shard."""
+    every image and label shard, then the cards that describe them (README.md, _info.json: rded.cards)."""
     records = [r for r in RECORDS if r != "contact-sheet.png" or manifest.images]
     shards = [n for s in manifest.shards for n in [s.name] + ([s.labels["name"]] if s.labels else [])]
-    return records + shards
+    return records + shards + list(CARD_FILES)
 

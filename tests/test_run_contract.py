@@ -19,7 +19,7 @@ from rded.cli import main
 from rded.config import load_job
 from rded.distill import run_distill
 
-PUBLISH_STEPS = 16  # publish_step() calls in finishing this job: checked below, so a new step is not missed
+PUBLISH_STEPS = 18  # publish_step() calls in finishing this job: checked below, so a new step is not missed
 
 
 def run_files(out: Path, visible: bool = False) -> dict[str, bytes]:

@@ -14,11 +14,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
 
 # Each module's layer: a module may import modules of its own layer or below, never above.
 LAYERS = [
-    {"errors", "keyed", "records", "geometry", "normalization", "tario", "streams", "labels", "heap", "models", "runtime"},
-    {"config", "rundir", "report", "dist", "checkpoint", "staging"},
-    {"source", "select", "crops", "observer", "score", "write", "refine", "relabel", "loader", "synthetic", "train"},
+    {"errors", "keyed", "records", "grid", "geometry", "normalization", "tario", "streams", "labels", "heap", "models",
+     "runtime"},
+    {"config", "rundir", "report", "dist", "checkpoint", "staging", "cards"},
+    {"source", "select", "crops", "observer", "score", "write", "refine", "relabel", "loader", "numpy_reader",
+     "synthetic", "train"},
     {"distill"},
-    {"evaluate", "bench", "demo"},
+    {"evaluate", "bench", "demo", "export"},
     {"cli", "__main__", "__init__"},
 ]
 LAYER_OF = {m: i for i, layer in enumerate(LAYERS) for m in layer}
