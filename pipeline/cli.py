@@ -43,18 +43,27 @@ def _err(msg: str, code: int = EXIT_BAD_JOB) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     from .distill import check_run, run_distill
-    from .rundir import read_manifest
 
     job = load_job(args.job, args.set)
     if args.check:
         decision = check_run(job, Path(args.out), overwrite=args.overwrite, resume=args.resume)
         print(f"rded: check: ok: {CHECK_OUTCOMES[decision]}")
-        return 0
+        # a finished run that skipped broken shards says so here too: the launch files stop on the check
+        finished_broken = decision == "finished" and finished_manifest(Path(args.out)).broken_shards
+        return EXIT_PUBLISHED_WITH_BROKEN_SHARDS if finished_broken else 0
     summary = run_distill(job, Path(args.out), overwrite=args.overwrite, resume=args.resume)
     if summary is None:  # a finished run of this job: it says again whether it skipped broken shards
-        return EXIT_PUBLISHED_WITH_BROKEN_SHARDS if read_manifest(Path(args.out)).broken_shards else 0
+        return EXIT_PUBLISHED_WITH_BROKEN_SHARDS if finished_manifest(Path(args.out)).broken_shards else 0
     print(f"rded: done: {summary.line()}")
     return EXIT_PUBLISHED_WITH_BROKEN_SHARDS if summary.broken_shards else 0
+
+
+def finished_manifest(out: Path):
+    """The finished run's manifest (the staged one when a publish was interrupted: what a start publishes)."""
+    from .rundir import MANIFEST, STAGING, read_manifest
+
+    staged = out / STAGING
+    return read_manifest(staged if (staged / MANIFEST).is_file() else out)
 
 
 CHECK_OUTCOMES = {"fresh": "the run would start", "resume": "the unfinished run would continue",

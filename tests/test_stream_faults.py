@@ -333,6 +333,7 @@ def test_a_shard_skipped_before_a_preemption_is_replayed_on_resume(write_job, da
         faults.clear()  # the source is back
         assert main(["distill", str(job), "--out", str(out), "--resume"]) == 3  # published, a shard skipped
         assert main(["distill", str(job), "--out", str(out), "--resume"]) == 3  # and says so again when re-applied
+        assert main(["distill", str(job), "--out", str(out), "--resume", "--check"]) == 3  # the launch files' check
     assert run_files(out) == run_files(tmp_path / "uninterrupted")
     lost = [r for r in ledger(out) if r["reason"] == "corrupt_shard"]
     assert [(r["shard"], r["key"]) for r in lost] == [(f"{base}/{SHARDS[1]}", index["1"]["broken"]["at"])]
