@@ -7,19 +7,20 @@ and every slice:
     _info.json    timm's `wds/` reader's split file: `create_dataset("wds/x", root=DIR, split="train")`
 
 Both are derived from the manifest (and the provenance of the first image shard, for the card's schema);
-they change no shard byte and the manifest does not hash them. Imports only the standard library: rundir,
-staging and distill call it, so it takes the manifest structurally (`ManifestLike`) rather than importing
-rded.rundir (which would make an import cycle with rundir's `slice_run`).
+they change no shard byte and the manifest does not hash them. Imports only rded.tario (its key rule and
+atomic writes): rundir, staging and distill call it, so it takes the manifest structurally (`ManifestLike`)
+rather than importing rded.rundir (which would make an import cycle with rundir's `slice_run`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, Union
+
+from .tario import split_name, write_bytes_atomic
 
 CARD = "README.md"
 TIMM_INFO = "_info.json"
@@ -149,7 +150,7 @@ def provenance_schema(run_dir: Path, manifest: ManifestLike) -> Schema:
     try:
         with tarfile.open(Path(run_dir) / manifest.shards[0].name) as tar:
             for member in tar:
-                if member.isfile() and member.name.rsplit("/", 1)[-1].partition(".")[2] == "json":
+                if member.isfile() and (split_name(member.name) or ("", ""))[1] == "json":
                     schema = merge_schema(schema, infer_schema(json.load(tar.extractfile(member))))
     except _Conflict:
         return None
@@ -297,31 +298,10 @@ def timm_info(manifest: ManifestLike) -> dict[str, Any]:
 
 # -- writing
 
-def _write(path: Path, data: bytes) -> None:
-    """Whole or not at all, and durable: synced under a temporary name, renamed, the directory synced (the
-    rule of rded.tario, which this module does not import)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return  # directories that cannot be opened (some network file systems): nothing to sync
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_cards(run_dir: Path, manifest: ManifestLike) -> list[str]:
     """README.md and _info.json for the run or slice whose shards are in `run_dir` (a run's staging folder
     or a slice's directory); the names written."""
     run_dir = Path(run_dir)
-    _write(run_dir / CARD, card_text(run_dir, manifest).encode())
-    _write(run_dir / TIMM_INFO, (json.dumps(timm_info(manifest), indent=2, sort_keys=True) + "\n").encode())
+    write_bytes_atomic(run_dir / CARD, card_text(run_dir, manifest).encode())
+    write_bytes_atomic(run_dir / TIMM_INFO, (json.dumps(timm_info(manifest), indent=2, sort_keys=True) + "\n").encode())
     return list(CARD_FILES)
