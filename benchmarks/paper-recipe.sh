@@ -4,20 +4,30 @@
 # ResNet-18 students from scratch at 224 px for 300 epochs; final-epoch and best-of top-1.
 # Resumable: a finished step (its output exists) is skipped, a killed distillation or student training
 # continues from its last commit or checkpoint. Each row's JSON lands in OUT as soon as it is measured.
-# Usage: [STEPS="data ipc1 ipc10 native refine ipc50"] bash benchmarks/paper-recipe.sh [OUT_DIR]
-#   data: the RDED and random IPC 50 sets and their slices (about 35 min on 2 CPU cores)
-#   ipc1: four rows (about 15 min); ipc10: three rows (about 45 min); native: scoring mode native, IPC 10
-#   (about 20 min); refine: RDED + refine at IPC 10 and its IPC 1 slice (about 60 min);
-#   ipc50: two rows (75-90 min each on 2 cores: one per 3-hour session, resumed with the same command)
+# Usage: [STEPS="data random ipc1 ipc10 ipc50 native refine"] [ONLY=regex] [SEEDS="0"] [STRONGER=imagenet]
+#        bash benchmarks/paper-recipe.sh [OUT_DIR]
+#   data: the RDED IPC 50 set and its slices, the whole-image random set without crops (about 35 min)
+#   random: the random sets under RDED's views and ImageNet's, IPC 10 and its IPC 1 slice (about 10 min)
+#   random50: the stronger random baseline's (STRONGER: rdedviews or imagenet) IPC 50 set (about 15 min)
+#   ipc1, ipc10: every row at that IPC (IPC 1 about 3 min a row, IPC 10 about 11), for each of SEEDS;
+#   ipc50: RDED soft and hard, STRONGER random soft (75-90 min each on 2 cores, resumed with the same
+#   command); native: scoring mode native, IPC 10 (about 20 min); refine: RDED + refine at IPC 10 and 1
+#   ONLY: run only the rows whose name matches (for example ONLY='hard' or ONLY='^random-imagenet')
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-out/paper-recipe}
-STEPS=${STEPS:-data ipc1 ipc10 native refine ipc50}
+STEPS=${STEPS:-data random ipc1 ipc10 random50 ipc50 native refine}
+SEEDS=${SEEDS:-0}
+STRONGER=${STRONGER:-imagenet}
 RDED=.venv/bin/rded
 VAL="../shared/data/imagewoof/val-{000000..000001}.tar"
 DATA=(--set relabel.views=300 --set runtime.progress=false)
 REFINE=(--set refine.enabled=true --set refine.iterations=400 --set "refine.resolutions=[200,224,200,224]"
         --set refine.bn_weight=0.0001 --set refine.lr=0.05)
+# The random baselines differ only in their training views (what the loader does to each stored image):
+#   nocrop: the whole image, flipped (the views of factor 1: no shuffle, RandomResizedCrop scale (1, 1));
+#   rdedviews: exactly RDED's views (grid shuffle 2 x 2, RandomResizedCrop (0.5, 1), flip), as DD-Ranking;
+#   imagenet: the standard ImageNet augmentation (RandomResizedCrop (0.08, 1), flip).
 # the authors' student recipe is rded eval's default: 300 epochs, batch 10/50/100, AdamW 1e-3, KL at T = 20
 EVAL=(--val "$VAL" --student resnet18 --epochs 300 --checkpoint-every 10 --resume --quiet)
 mkdir -p "$OUT"
@@ -29,25 +39,56 @@ distill() {  # job out extra...: a finished run is kept, an unfinished one resum
   local job=$1 out=$2; shift 2
   [ -f "$out/manifest.json" ] || timed "distill-$(basename "$out")" $RDED distill "$job" --out "$out" --resume "$@"
 }
-slice() {  # run ipc
-  [ -f "$1-ipc$2/manifest.json" ] || $RDED slice "$1" --ipc "$2" --out "$1-ipc$2" --overwrite
+slice() {  # run ipc [out]: the run's tier ipc (default out: run-ipcN)
+  local out=${3:-$1-ipc$2}
+  [ -f "$out/manifest.json" ] || $RDED slice "$1" --ipc "$2" --out "$out" --overwrite
 }
-row() {  # name set extra...: one student, its result in OUT/name.json (its checkpoint OUT/name.ckpt)
-  local name=$1 set=$2; shift 2
-  [ -f "$OUT/$name.json" ] || timed "eval-$name" $RDED eval --distilled "$set" "${EVAL[@]}" "$@" --out "$OUT/$name.json"
+random_set() {  # views ipc out: the random subset whose labels are stored for those views
+  local views=()
+  case $1 in
+    rdedviews) views=(--set relabel.view_grid=2) ;;
+    imagenet) views=(--set "relabel.view_scale=[0.08,1.0]") ;;
+  esac
+  distill jobs/imagewoof-random.toml "$3" --set distill.ipc="$2" --set distill.subset="$2" "${DATA[@]}" "${views[@]}"
+}
+row() {  # name set extra...: one student per seed, its result in OUT/name[-seedN].json (checkpoint: .ckpt)
+  local name=$1 set=$2 seed out; shift 2
+  [[ -n ${ONLY:-} && ! $name =~ $ONLY ]] && return 0
+  for seed in $SEEDS; do
+    out=$OUT/$name$([ "$seed" = 0 ] || echo "-seed$seed").json
+    [ -f "$out" ] || timed "eval-$(basename "$out" .json)" $RDED eval --distilled "$set" "${EVAL[@]}" --seed "$seed" "$@" --out "$out"
+  done
+}
+rows() {  # ipc: every row at that IPC; IPC 1 and 10 are slices (RDED, nocrop) or runs (the other random sets)
+  local ipc=$1 views
+  row rded-stored-ipc$ipc "$OUT/rded-ipc$ipc"
+  row rded-hard-ipc$ipc "$OUT/rded-ipc$ipc" --hard-labels
+  for views in nocrop rdedviews imagenet; do
+    row random-$views-soft-ipc$ipc "$OUT/random-$views-ipc$ipc"
+    row random-$views-hard-ipc$ipc "$OUT/random-$views-ipc$ipc" --hard-labels
+  done
 }
 
 for step in $STEPS; do
   case $step in
     data)
       distill jobs/imagewoof.toml "$OUT/rded" --set distill.ipc=50 "${DATA[@]}"
-      distill jobs/imagewoof-random.toml "$OUT/random" --set distill.ipc=50 --set distill.subset=50 "${DATA[@]}"
-      for ipc in 1 10; do slice "$OUT/rded" $ipc; slice "$OUT/random" $ipc; done ;;
+      random_set nocrop 50 "$OUT/random-nocrop"
+      for ipc in 1 10; do slice "$OUT/rded" $ipc; slice "$OUT/random-nocrop" $ipc; done ;;
+    random)
+      for views in rdedviews imagenet; do
+        random_set $views 10 "$OUT/random-$views-ipc10"
+        slice "$OUT/random-$views-ipc10" 1 "$OUT/random-$views-ipc1"
+      done ;;
+    random50)
+      random_set "$STRONGER" 50 "$OUT/random-$STRONGER" ;;
     ipc1|ipc10)
-      ipc=${step#ipc}
-      row rded-stored-ipc$ipc "$OUT/rded-ipc$ipc"
-      row random-soft-ipc$ipc "$OUT/random-ipc$ipc"
-      row random-hard-ipc$ipc "$OUT/random-ipc$ipc" --hard-labels ;;
+      rows "${step#ipc}" ;;
+    ipc50)
+      row rded-stored-ipc50 "$OUT/rded"
+      row rded-hard-ipc50 "$OUT/rded" --hard-labels
+      row random-$STRONGER-soft-ipc50 "$OUT/random-$STRONGER"
+      row random-nocrop-soft-ipc50 "$OUT/random-nocrop" ;;
     native)
       distill jobs/imagewoof.toml "$OUT/native" --set distill.ipc=10 --set distill.score_mode=native "${DATA[@]}"
       row native-stored-ipc10 "$OUT/native" ;;
@@ -56,9 +97,6 @@ for step in $STEPS; do
       slice "$OUT/refine" 1
       row refine-stored-ipc1 "$OUT/refine-ipc1"
       row refine-stored-ipc10 "$OUT/refine" ;;
-    ipc50)
-      row rded-stored-ipc50 "$OUT/rded"
-      row random-soft-ipc50 "$OUT/random" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

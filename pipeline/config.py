@@ -144,6 +144,18 @@ class RelabelConfig(_Section):
                                                                "set has at most this many classes")
     tail_rank: int = Field(1, ge=0, le=16, description="principal tail shapes per image beyond the mean one "
                                                        "(partial labels; each about 1.5 KB per image)")
+    view_grid: int | None = Field(None, ge=1, le=8, description="grid shuffle of the training views (g x g strips "
+                                                               "permuted); default: distill.factor")
+    view_scale: list[float] | None = Field(None, min_length=2, max_length=2,
+                                           description="RandomResizedCrop area scale [lo, hi] of the training views; "
+                                                       "default: [1 / grid, 1]")
+
+    @field_validator("view_scale")
+    @classmethod
+    def _scale(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and not 0 < v[0] <= v[1] <= 1:
+            raise ValueError(f"view_scale must be [lo, hi] with 0 < lo <= hi <= 1; got {v}")
+        return v
 
 
 class RuntimeConfig(_Section):
@@ -199,6 +211,17 @@ class JobConfig(_Section):
     output: OutputConfig = OutputConfig()
     base_dir: str = Field(".", description="directory that relative paths are resolved against (set by load)")
 
+    @property
+    def view_grid(self) -> int:
+        """The grid shuffle of the training views (the authors': the stitching factor)."""
+        return self.relabel.view_grid or self.distill.factor
+
+    @property
+    def view_scale(self) -> tuple[float, float]:
+        """The training views' RandomResizedCrop scale (the authors': (1 / factor, 1))."""
+        return (self.relabel.view_scale[0], self.relabel.view_scale[1]) if self.relabel.view_scale \
+            else (1.0 / self.view_grid, 1.0)
+
     def path(self, p: str) -> Path:
         path = Path(p).expanduser()
         return path if path.is_absolute() else Path(self.base_dir) / path
@@ -209,6 +232,9 @@ class JobConfig(_Section):
         d.pop("base_dir")
         if not self.refine.enabled:  # the default: a run without refinement records what it always did
             d.pop("refine")
+        for key in ("view_grid", "view_scale"):  # likewise for the authors' views
+            if d["relabel"][key] is None:
+                d["relabel"].pop(key)
         return d
 
 

@@ -391,7 +391,8 @@ def _distill(run: Run) -> Summary:
             relabeler = Relabeler(scorer, seed=cfg.seed, views=run.job.relabel.views, resolution=cfg.resolution,
                                   factor=cfg.factor, topk=run.job.relabel.topk,
                                   exact_classes=run.job.relabel.exact_classes,
-                                  tail_rank=run.job.relabel.tail_rank)
+                                  tail_rank=run.job.relabel.tail_rank, view_grid=run.job.view_grid,
+                                  view_scale=run.job.view_scale)
         written, label_stats = write_and_relabel(run, plan, relabeler, spool)
     finally:
         run.ledger.close()

@@ -30,6 +30,7 @@ import zstandard
 
 from .errors import OptionError, OutputIOError, RunError
 from .geometry import decode_distilled
+from .grid import view_grid_of
 from .labels import FLOOR, LABELS_FORMAT, LABELS_FORMAT_V1, read_image_labels, unpack_logits
 from .rundir import MANIFEST, ClassRecord, Manifest, ShardRecord, read_manifest, read_verified, write_json
 from .tario import copy_atomic, fsync_dir, replace_durably, sha256_file, write_tar
@@ -284,7 +285,7 @@ def ddranking_tensors(manifest: Manifest, n: int, num_classes: int) -> dict[str,
 
 def write_arrays(run: Path, manifest: Manifest, classes: list[ClassRecord], stage: Stage) -> dict[str, Any]:
     num_classes = check_labels(run, manifest)
-    resolution, factor = manifest.resolution, manifest.job["distill"]["factor"]
+    resolution, factor = manifest.resolution, view_grid_of(manifest.job)
     shards, label_bytes = [], 0
     for shard, images in iter_images(run, manifest, classes):
         labels = read_view_labels(run, shard, num_classes)

@@ -5,8 +5,9 @@ soft labels are stored for. (rded.geometry applies the views to torch tensors, r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -51,15 +52,22 @@ class View:
     flip: bool
 
 
-def draw_view(seed: int, key: str, view_index: int, resolution: int, factor: int) -> View:
-    """Training view `view_index` of distilled image `key`: what the authors' training does to it."""
+def draw_view(seed: int, key: str, view_index: int, resolution: int, factor: int,
+              scale: tuple[float, float] | None = None) -> View:
+    """Training view `view_index` of distilled image `key`: what the authors' training does to it (the grid
+    shuffle of `factor`, RandomResizedCrop with `scale`, by default (1 / factor, 1), a flip)."""
     parts = ("view", key, view_index)
     return View(
         col_perm=keyed_permutation(factor, seed, *parts, "col"),
         row_perm=keyed_permutation(factor, seed, *parts, "row"),
-        crop=random_resized_crop(seed, parts, resolution, resolution, (1.0 / factor, 1.0), VIEW_RATIO),
+        crop=random_resized_crop(seed, parts, resolution, resolution, scale or (1.0 / factor, 1.0), VIEW_RATIO),
         flip=keyed_u64(seed, *parts, "flip") % 2 == 1,
     )
+
+
+def view_grid_of(job: Mapping[str, Any]) -> int:
+    """The grid shuffle of a run's training views, from the job its manifest records."""
+    return job.get("relabel", {}).get("view_grid") or job["distill"]["factor"]
 
 
 def stored_view(record: np.void) -> View:

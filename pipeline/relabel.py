@@ -2,7 +2,9 @@
 training views, each view a pure function of (seed, image key, view index).
 
 A view is what the authors' training does to an image: shuffle the factor x factor grid (columns, then
-rows), RandomResizedCrop to S with scale (1/factor, 1) and ratio (3/4, 4/3), horizontal flip. Labels
+rows), RandomResizedCrop to S with scale (1/factor, 1) and ratio (3/4, 4/3), horizontal flip. The view's
+grid and scale can differ from the stitching (relabel.view_grid, view_scale: a random baseline trained
+with RDED's views, or with ImageNet's). Labels
 are computed on the image as decoded from its stored bytes, which is exactly what a training loop sees.
 """
 
@@ -35,19 +37,22 @@ class ImageLabels:
 
 class Relabeler:
     def __init__(self, scorer: Scorer, *, seed: int, views: int, resolution: int, factor: int, topk: int,
-                 exact_classes: int = 0, tail_rank: int = 0, temperatures: tuple[float, ...] = (1.0, 20.0)):
+                 exact_classes: int = 0, tail_rank: int = 0, temperatures: tuple[float, ...] = (1.0, 20.0),
+                 view_grid: int | None = None, view_scale: tuple[float, float] | None = None):
         self.scorer = scorer
         self.seed, self.views, self.resolution, self.factor = seed, views, resolution, factor
+        self.view_grid = view_grid or factor
+        self.view_scale = view_scale or (1.0 / self.view_grid, 1.0)
         self.num_classes = len(scorer.observer.output_index)
         # classes stored per label: all of them (exact labels) up to max(topk, exact_classes) classes
         self.topk = self.num_classes if self.num_classes <= max(topk, exact_classes) else topk
         self.tail_rank = tail_rank
-        self.view_dtype = view_dtype(factor, self.num_classes, self.topk, tail_rank=tail_rank, resolution=resolution)
+        self.view_dtype = view_dtype(self.view_grid, self.num_classes, self.topk, tail_rank=tail_rank, resolution=resolution)
         self.region_dtype = region_dtype(self.num_classes, self.topk, tail_rank=tail_rank)
         self.temperatures = temperatures
 
     def drawn_views(self, key: str) -> list[View]:
-        return [draw_view(self.seed, key, v, self.resolution, self.factor) for v in range(self.views)]
+        return [draw_view(self.seed, key, v, self.resolution, self.view_grid, self.view_scale) for v in range(self.views)]
 
     def view_records(self, key: str, drawn: Sequence[View] | None = None) -> np.ndarray:
         """The image's V view records (of `drawn`, its views if already drawn), geometry filled in, labels not."""

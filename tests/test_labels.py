@@ -15,6 +15,7 @@ import torch
 from conftest import NUM_CLASSES, compute_of
 from rded.cli import main
 from rded.config import load_job
+from rded.errors import JobError
 from rded.labels import (LABELS_FORMAT, LABELS_FORMAT_V1, LABELS_MEMBER, decode_arrays, decode_image_labels,
                          decode_records, encode_image_labels, encode_records, image_tail, kl_divergence, pack_labels,
                          region_dtype, softmax, unpack_logits, view_dtype)
@@ -243,6 +244,60 @@ def test_random_baseline_run_is_whole_images_in_draw_order(write_job, tmp_path):
                                                                                 0, 0, 0, 0))
     for c in range(NUM_CLASSES):
         assert ranks[(c, 0)] < ranks[(c, 1)]
+
+
+@pytest.mark.parametrize("relabel, grid, scale", [
+    ({"view_grid": 2}, 2, (0.5, 1.0)),  # RDED's views on whole images (DD-Ranking's random baseline)
+    ({"view_scale": [0.08, 1.0]}, 1, (0.08, 1.0)),  # ImageNet's RandomResizedCrop, no shuffle
+])
+def test_random_baseline_views_follow_the_view_settings(write_job, tmp_path, relabel, grid, scale):
+    from rded.observer import build_observer
+    from rded.score import Scorer
+    from rded.source import load_classes
+
+    path = write_job(distill={"method": "random", "factor": 1, "crops": 1, "subset": 2, "ipc": 2},
+                     relabel={"views": 3, **relabel})
+    job = load_job(path)
+    assert (job.view_grid, job.view_scale) == (grid, scale)
+    from rded.distill import run_distill
+
+    run_distill_to = tmp_path / "rand"
+    run_distill(job, run_distill_to)
+    manifest = json.loads((run_distill_to / "manifest.json").read_text())
+    assert {k: manifest["job"]["relabel"][k] for k in relabel} == relabel
+    ds = DistilledDataset(run_distill_to, temperature=20.0, normalize=False)
+    scorer = Scorer(build_observer(job, load_classes(job), compute_of(job)), mode="pad", resolution=32,
+                    score_batch=job.runtime.score_batch, decimals=4)
+    areas, shuffled = [], 0
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        for i in range(len(ds)):
+            image, target = ds[i]
+            view = draw_view(0, ds.keys[i], epoch, 32, grid, scale)
+            assert stored_view(ds.view_record(i)) == view and len(view.col_perm) == grid
+            expected = apply_view(decode_distilled(ds.images[i]), view, 32)
+            assert torch.equal(image, expected)
+            exact = scorer.log_probs(expected.permute(1, 2, 0)[None]).numpy()
+            assert np.abs(target.numpy() - softmax(exact, 20.0)[0]).max() < 1e-3
+            areas.append(view.crop[2] * view.crop[3] / 32 ** 2)
+            shuffled += view.col_perm != tuple(range(grid)) or view.row_perm != tuple(range(grid))
+    assert min(areas) >= scale[0] * 0.9 and max(areas) <= 1.0
+    assert min(areas) < 0.5 if scale[0] < 0.5 else min(areas) >= 0.45
+    assert (shuffled > 0) == (grid > 1)
+    from rded.export import export_run  # the arrays export names the view's own grid, not the stitching's
+
+    export_run(run_distill_to, "arrays", tmp_path / "arrays")
+    columns = json.loads((tmp_path / "arrays" / "export.json").read_text())["members"]["views.npy"]["columns"]
+    assert columns[:2 * grid] == [f"col_perm[{i}]" for i in range(grid)] + [f"row_perm[{i}]" for i in range(grid)]
+
+
+def test_view_settings_are_checked_and_recorded_only_when_set(write_job, baseline_run):
+    with pytest.raises(JobError, match="view_scale"):
+        load_job(write_job(relabel={"view_scale": [0.6, 0.5]}))
+    with pytest.raises(JobError, match="view_grid"):
+        load_job(write_job(relabel={"view_grid": 0}))
+    relabel = json.loads((baseline_run / "manifest.json").read_text())["job"]["relabel"]
+    assert "view_grid" not in relabel and "view_scale" not in relabel  # the authors' views: as always recorded
 
 
 def read_member_json(run, manifest, key):
