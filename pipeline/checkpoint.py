@@ -5,6 +5,7 @@ A run commits its work in small units, each one file written whole and renamed i
 there complete or not at all; a leftover temporary file is ignored and its unit redone):
 - `score/p<position>.r<rank>.npz`: one input shard's scoring (its key patches and the samples it could not
   use), committed after the shard's last drawn sample;
+- `bn_stats.json` (rded.bnstats, refine.bn_stats = "data"): the data's BN statistics, before any refine batch;
 - the refine spool's `batch-<j>.json` (rded.refine.Spool): one refine batch, after its images;
 - `out/<shard>.json` (+ `.npz`): one output shard, after its image and label shards were written.
 The index pass (a header walk, a few percent of the job) is not a unit: every attempt walks again, and the

@@ -106,6 +106,12 @@ class RefineConfig(_Section):
                                                             "form of [observer]; empty: the job's observer")
     micro_batch: int = Field(256, ge=1, description="images per forward pass; a larger batch is split and its BN "
                                                    "statistics accumulated exactly; part of the numerics")
+    bn_stats: Literal["observer", "data"] = Field(
+        "observer", description="what the BN terms match: observer: each observer's running statistics; data: "
+                                "each BN layer's input statistics measured over a seeded sample of the job's "
+                                "train images (rded.bnstats)")
+    bn_stats_images: int = Field(512, ge=1, description="bn_stats = data: source images sampled (the first in the "
+                                                        "keyed draw order of the drawn subset)")
 
     @model_validator(mode="before")
     @classmethod
@@ -132,6 +138,12 @@ class RefineConfig(_Section):
     @property
     def stage_iterations(self) -> int:
         return self.iterations // len(self.resolutions)
+
+    @property
+    def unrecorded(self) -> set[str]:
+        """Keys left out of the run's records (and so of its identity) while they change nothing: the default
+        bn_stats = observer records what a run did before the keys existed."""
+        return set() if self.bn_stats == "data" else {"bn_stats", "bn_stats_images"}
 
 
 class RelabelConfig(_Section):
@@ -232,6 +244,9 @@ class JobConfig(_Section):
         d.pop("base_dir")
         if not self.refine.enabled:  # the default: a run without refinement records what it always did
             d.pop("refine")
+        else:
+            for key in self.refine.unrecorded:
+                d["refine"].pop(key)
         for key in ("view_grid", "view_scale"):  # likewise for the authors' views
             if d["relabel"][key] is None:
                 d["relabel"].pop(key)

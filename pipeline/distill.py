@@ -11,6 +11,7 @@ wrong with the job is checked before work starts; outputs are staged and publish
 from __future__ import annotations
 
 import errno
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -28,6 +29,8 @@ import numpy as np
 import torch
 
 from . import __version__
+from .bnstats import FILE as BN_STATS_FILE
+from .bnstats import DataStatistics, first_drawn, measure
 from .cards import write_cards
 from .checkpoint import FORMAT as CHECKPOINT_FORMAT
 from .checkpoint import (Checkpoint, IndexDigest, event, identity_differences, npz_arrays, npz_bytes, publish_step,
@@ -121,6 +124,9 @@ class Run:
     class_names: dict[int, str] = field(default_factory=dict)
     wanted: set[int] = field(default_factory=set)
     ledger: Ledger | None = None
+    # refine.bn_stats = "data": the sampled images by (shard, offset), in draw order; their statistics' summary
+    bn_sample: dict[tuple[int, int], SampleRef] = field(default_factory=dict)
+    bn_stats: dict[str, Any] | None = None
     _winners: SpooledMembers | None = None
 
     @property
@@ -374,6 +380,7 @@ def _distill(run: Run) -> Summary:
     run.ledger = Ledger(run.ledger_dir / f"index.r{run.ranks.rank}.tsv")  # redone on every attempt
     try:
         drawn, drawn_count = source_and_select(run)
+        run.bn_sample = bn_stats_sample(run, drawn)
         scorer = Scorer(observer, mode=cfg.score_mode, resolution=cfg.resolution,
                         score_batch=run.job.runtime.score_batch, decimals=cfg.score_decimals)
         window, order = ((crop_window, best_first) if cfg.method == "rded"  # the baseline: whole images, ranked
@@ -634,8 +641,10 @@ def _score_batch(run: Run, batch: list[SampleRef], fetch: MemberFetcher, cutter:
         for patch in best:
             for d in ranking.push(patch):
                 dropped.add((d.shard, d.offset))
-    # only a patch still in the top-k can become a winner: spool its bytes (streamed shards)
-    fetch.keep((p.shard, p.offset) for p in best if (p.shard, p.offset) not in dropped)
+    # only a patch still in the top-k can become a winner: spool its bytes (streamed shards), and those of the
+    # images sampled for the data's BN statistics (read after scoring: a stream is not read a third time)
+    kept = [(p.shard, p.offset) for p in best if (p.shard, p.offset) not in dropped]
+    fetch.keep(dict.fromkeys(kept + [(r.shard, r.offset) for r in batch if (r.shard, r.offset) in run.bn_sample]))
     return best, rejected
 
 
@@ -688,10 +697,56 @@ def make_refiner(run: Run, observer: Observer) -> Refiner:
                    resolution=run.job.distill.resolution)
 
 
+def bn_stats_sample(run: Run, drawn: Rows[SampleRef]) -> dict[tuple[int, int], SampleRef]:
+    """refine.bn_stats = "data": the images whose BN statistics the refinement matches, the first
+    `bn_stats_images` drawn in the keyed draw order (of every rank's draw: the single-process sample); else none."""
+    cfg = run.job.refine
+    if not (cfg.enabled and cfg.bn_stats == "data" and cfg.bn_weight > 0):  # bn_weight 0: no BN term to match
+        return {}
+    seed, n = run.job.distill.seed, cfg.bn_stats_images
+    sample = first_drawn(run.ranks.gather(first_drawn([drawn], seed, n)), seed, n)
+    return {(r.shard, r.offset): r for r in sample}
+
+
+def use_data_statistics(run: Run, refiner: Refiner) -> None:
+    """refine.bn_stats = "data": the sample's BN statistics, measured once by the main rank and committed (a
+    resumed run takes the committed ones), given to every rank's refiner; their summary is kept for the
+    manifest."""
+    if not run.bn_sample:
+        return
+
+    def recorded_or_measured() -> bytes:
+        data = run.checkpoint.load(BN_STATS_FILE, "bn_stats")
+        found = DataStatistics.from_bytes(data) if data is not None else None
+        if found is not None and (found.observers, found.layers) == (refiner.names, refiner.layer_names()):
+            try:
+                refiner.use_statistics(found.stats)
+                return data
+            except ValueError:
+                pass
+        if data is not None:  # damaged, or of other layers: measured again
+            run.checkpoint.discard(BN_STATS_FILE, "bn_stats")
+        with run.timings.stage("bn_stats", len(run.bn_sample)):
+            stats = measure(refiner, list(run.bn_sample.values()), lambda r: run.winners(r.shard, r.offset, r.size),
+                            run.cutter(1), seed=run.job.distill.seed, max_pixels=run.job.runtime.max_pixels)
+        data = stats.to_bytes()
+        run.checkpoint.commit(BN_STATS_FILE, data, "bn_stats")
+        return data
+
+    data = on_main_rank(run.ranks, recorded_or_measured)
+    stats = DataStatistics.from_bytes(data)
+    refiner.use_statistics(stats.stats)
+    run.bn_stats = stats.summary(hashlib.sha256(data).hexdigest())
+    if run.ranks.is_main:
+        log(f"refine: BN statistics of {stats.images} sampled train images at {stats.resolution} px "
+            f"({sum(map(len, stats.layers))} BN layers; sha256 {run.bn_stats['sha256'][:12]})")
+
+
 def refine_images(run: Run, plan: list[PlannedImage], refiner: Refiner) -> Spool:
     """Refine every planned image, a batch per image index (image j of every class, so tiers stay exact);
     this rank takes the batches j = rank (mod world). The refined images wait in a spool for the writer."""
     cfg = run.job.distill
+    use_data_statistics(run, refiner)
     spool = Spool(run.layout.refined)
     batches: dict[int, list[PlannedImage]] = {}
     for image in plan:
@@ -865,9 +920,11 @@ def build_manifest(run: Run, result: WriteResult, label_stats: LabelStats, relab
         classes=[ClassRecord(c, run.class_names[c], drawn_count.get(c, 0), n) for c, n in per_class.items()],
         shards=result.shards, identity=identity)
     if spool is not None:
-        manifest.refine = {"settings": run.job.refine.model_dump(mode="json", exclude={"enabled", "observers"}),
+        manifest.refine = {"settings": run.job.refine.model_dump(mode="json", exclude={"enabled", "observers"}
+                                                                 | run.job.refine.unrecorded),
                            "observers": refine_observer_names(run.job),
                            "precision": refinement_precision(run.job.runtime.precision, run.device),
+                           **({"bn_stats": run.bn_stats} if run.bn_stats else {}),
                            "batches": spool.records()}
     if relabeler is not None:
         manifest.labels = labels_summary(relabeler, label_stats, sum(s.bytes for s in result.shards),
@@ -895,6 +952,8 @@ def write_report(run: Run, summary: Summary, accounting: dict[str, Any], attempt
                          "seconds_per_image": round(stage.seconds / stage.items, 4) if stage and stage.items else None,
                          "peak_gpu_mib": (round(torch.cuda.max_memory_allocated(run.device) / 2**20, 1)
                                           if run.device.type == "cuda" else None)}
+        if run.bn_stats:
+            refine_report["bn_stats"] = {k: run.bn_stats[k] for k in ("images", "resolution", "sha256")}
     seconds = summary.seconds
     write_json(run.staging / "report.json", {
         "seconds": round(seconds, 3),

@@ -53,20 +53,33 @@ def bn_layers(model: nn.Module) -> list[nn.Module]:
 
 class BNTerm:
     """Forward hook on one BN layer: ||var(x) - running_var||_2 + ||mean(x) - running_mean||_2 over the
-    batch statistics of the layer's input x, computed directly, or accumulated over micro-batches."""
+    batch statistics of the layer's input x, computed directly, or accumulated over micro-batches.
+    `target` (float32 mean and variance on the layer's device) replaces the running statistics
+    (refine.bn_stats = "data", rded.bnstats); accumulating alone measures those statistics."""
 
-    def __init__(self, module: nn.Module, weight: float):
-        self.module, self.weight = module, weight
+    def __init__(self, module: nn.Module, weight: float, target: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self.module, self.weight, self.target = module, weight, target
         self.mode = "off"  # off | direct | accumulate | surrogate
         self.value: torch.Tensor | None = None
         self.handle = module.register_forward_hook(self._hook)
 
     def distance(self, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
         m = self.module
-        return torch.linalg.vector_norm(m.running_var.float() - var) + torch.linalg.vector_norm(m.running_mean.float() - mean)
+        if self.target is None:
+            target_mean, target_var = m.running_mean.float(), m.running_var.float()
+        else:
+            target_mean, target_var = self.target
+        return torch.linalg.vector_norm(target_var - var) + torch.linalg.vector_norm(target_mean - mean)
 
     def start_accumulating(self) -> None:
         self.mode, self.sum, self.sumsq, self.count = "accumulate", 0.0, 0.0, 0
+
+    def statistics(self) -> tuple[np.ndarray, np.ndarray]:
+        """The accumulated per-channel mean and population variance (over N, H, W: what `distance` compares),
+        float64."""
+        mean = self.sum / self.count
+        var = (self.sumsq / self.count - mean ** 2).clamp_min(0)
+        return mean.cpu().numpy(), var.cpu().numpy()
 
     def finish_accumulating(self) -> float:
         """The term's value over the whole batch; prepares the surrogate's gradient weights."""
@@ -171,6 +184,25 @@ class Refiner:
                                "layers cannot be hooked); use an observer with BN layers, or set refine.bn_weight = 0")
             self.layers.append(layers)
         self.terms: list[list[BNTerm]] = [[] for _ in self.observers]
+        # per observer and BN layer, the (mean, var) to match instead of the running statistics (bn_stats = data)
+        self.targets: list[list[tuple[torch.Tensor, torch.Tensor]]] | None = None
+
+    def layer_names(self) -> list[list[str]]:
+        """Each observer's matched BN layers by module name (the records name them)."""
+        out = []
+        for obs, layers in zip(self.observers, self.layers):
+            names = {id(m): n for n, m in obs.model.named_modules()}
+            out.append([names[id(m)] for m in layers])
+        return out
+
+    def use_statistics(self, stats: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]]) -> None:
+        """Match these (mean, var) per observer and BN layer instead of the running statistics; they must fit
+        the layers (ValueError otherwise)."""
+        widths = [[m.num_features for m in layers] for layers in self.layers]
+        if [[(len(m), len(v)) for m, v in obs] for obs in stats] != [[(w, w) for w in ws] for ws in widths]:
+            raise ValueError("the BN statistics do not fit the observers' BN layers")
+        self.targets = [[(torch.from_numpy(np.asarray(m)).float().to(self.device),
+                          torch.from_numpy(np.asarray(v)).float().to(self.device)) for m, v in obs] for obs in stats]
 
     @contextlib.contextmanager
     def _hooked(self):
@@ -180,8 +212,9 @@ class Refiner:
         for obs in self.observers:
             for p in obs.model.parameters():
                 p.requires_grad_(False)
-        self.terms = [[BNTerm(m, self.cfg.first_bn_multiplier if i == 0 else 1.0) for i, m in enumerate(layers)]
-                      for layers in self.layers]
+        self.terms = [[BNTerm(m, self.cfg.first_bn_multiplier if i == 0 else 1.0,
+                              None if self.targets is None else self.targets[o][i]) for i, m in enumerate(layers)]
+                      for o, layers in enumerate(self.layers)]
         try:
             yield
         finally:
