@@ -2,7 +2,9 @@
 short CPU recipe, the default OUT) or benchmarks/paper-recipe.sh (the paper's recipe: adds the best-of column,
 the seeds table and DD-Ranking's IOR / HLR table).
 
-Usage: python benchmarks/results_table.py [OUT_DIR ...]   (rows in a later directory replace an earlier's)
+Usage: python benchmarks/results_table.py [DIR ...]   (rows in a later directory replace an earlier's)
+A DIR holds the JSON results (NAME-ipcN[-seedS].json), and optionally earlier.tsv: rows measured before their
+JSON was kept (docs/results/paper-recipe/earlier.tsv), in %, a JSON of the same name replacing its row.
 
 DD-Ranking's terms (its soft-label metric, `compute_metrics`): IOR = acc(set, soft labels) - acc(random subset
 of the same size, trained the same way); HLR = acc(full data, hard labels) - acc(set, hard labels). We report
@@ -37,14 +39,40 @@ ROWS += [(f"random-{views}-{labels}", data, "stored soft labels" if labels == "s
 NAME = re.compile(r"^(?P<stem>.+)-ipc(?P<ipc>\d+)(?:-seed(?P<seed>\d+))?\.json$")
 
 
+def earlier_rows(path: Path) -> dict[str, dict]:
+    """earlier.tsv's rows as results (fractions, as the JSON has them); a field not recorded is left out."""
+    lines = [line.split("\t") for line in path.read_text().splitlines() if line and not line.startswith("#")]
+    rows = {}
+    for values in lines[1:]:
+        row = dict(zip(lines[0], values))
+        result: dict = {"val_samples": 3929, "measured": row["measured"]}
+        for key in ("top1", "top5"):
+            if row[key]:
+                result[key] = float(row[key]) / 100
+        if row["best_of_top1"]:
+            result["best_of"] = {"top1": float(row["best_of_top1"]) / 100,
+                                 "epoch": int(row["best_of_epoch"]) if row["best_of_epoch"] else None}
+        for key in ("train_seconds", "seconds"):
+            if row[key]:
+                result[key] = float(row[key])
+        rows[row["name"] + ".json"] = result
+    return rows
+
+
 def load(dirs: list[Path]) -> dict[tuple[str, int], dict[int, dict]]:
     """(stem, ipc) -> seed -> result, from every directory in order."""
     results: dict[tuple[str, int], dict[int, dict]] = {}
     for d in dirs:
-        for path in sorted(d.glob("*.json")):
-            if m := NAME.match(path.name):
-                results.setdefault((m["stem"], int(m["ipc"])), {})[int(m["seed"] or 0)] = json.loads(path.read_text())
+        found = earlier_rows(d / "earlier.tsv") if (d / "earlier.tsv").is_file() else {}
+        found |= {path.name: json.loads(path.read_text()) for path in sorted(d.glob("*.json"))}
+        for name, result in found.items():
+            if m := NAME.match(name):
+                results.setdefault((m["stem"], int(m["ipc"])), {})[int(m["seed"] or 0)] = result
     return results
+
+
+def pct(r: dict, key: str) -> str:
+    return f"{100 * r[key]:.1f}" if key in r else ""
 
 
 def main_table(results: dict) -> list[str]:
@@ -61,51 +89,63 @@ def main_table(results: dict) -> list[str]:
     columns += ["train s", "total s"]
     lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for ipc, data, labels, r in rows:
-        cells = [str(ipc), data, labels, f"{100 * r['top1']:.1f}", f"{100 * r['top5']:.1f}"]
+        cells = [str(ipc), data, labels, pct(r, "top1"), pct(r, "top5")]
         if best_of:
             best = r.get("best_of")
             cells.append(f"{100 * best['top1']:.1f} ({best['epoch']})" if best else "")
-        cells += [f"{r['train_seconds']:.0f}", f"{r['seconds']:.0f}"]
+        cells += [f"{r[k]:.0f}" if k in r else "" for k in ("train_seconds", "seconds")]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
-def estimate(runs: dict[int, dict], key: str = "final") -> tuple[float, float, int]:
-    """Top-1 % (mean over seeds) and its standard error: over seeds when there are several, else the
-    binomial error of the one evaluation (val sampling only: it leaves out the training's own noise)."""
-    values = [100 * (r["top1"] if key == "final" else r["best_of"]["top1"]) for r in runs.values()
-              if key == "final" or r.get("best_of")]
-    if not values:
-        return math.nan, math.nan, 0
-    mean = statistics.fmean(values)
-    if len(values) > 1:
-        return mean, statistics.stdev(values) / math.sqrt(len(values)), len(values)
-    n = next(iter(runs.values()))["val_samples"] if key == "final" else 500
-    return mean, 100 * math.sqrt(mean / 100 * (1 - mean / 100) / n), 1
+def top1(r: dict, key: str) -> float | None:
+    """Top-1 % of one result: the final figure on every val image, or the best-of."""
+    if key == "final":
+        return 100 * r["top1"] if "top1" in r else None
+    return 100 * r["best_of"]["top1"] if r.get("best_of") else None
+
+
+def binomial_se(percent: float, n: int) -> float:
+    return 100 * math.sqrt(percent / 100 * (1 - percent / 100) / n)
+
+
+def paired(a: dict[int, dict], b: dict[int, dict], key: str = "final") -> tuple[float, float, float, float, int]:
+    """a's and b's top-1 % over the seeds both have, and their difference with its standard error: over the
+    seeds' paired differences when there are several (the same seed: the same initialisation and best-of
+    subset), else the binomial error of the two evaluations (val sampling only: it leaves out the training's
+    own noise, so it understates the error)."""
+    seeds = [s for s in sorted(set(a) & set(b)) if top1(a[s], key) is not None and top1(b[s], key) is not None]
+    if not seeds:
+        return math.nan, math.nan, math.nan, math.nan, 0
+    xs, ys = [top1(a[s], key) for s in seeds], [top1(b[s], key) for s in seeds]
+    diffs = [x - y for x, y in zip(xs, ys)]
+    if len(seeds) > 1:
+        se = statistics.stdev(diffs) / math.sqrt(len(seeds))
+    else:
+        n = a[seeds[0]].get("val_samples", 3929) if key == "final" else 500
+        se = math.hypot(binomial_se(xs[0], n), binomial_se(ys[0], n))
+    return statistics.fmean(xs), statistics.fmean(ys), statistics.fmean(diffs), se, len(seeds)
 
 
 def ranking_table(results: dict) -> list[str]:
     """IOR of RDED over the stronger random baseline (soft labels), and the hard-label accuracies of HLR."""
-    lines = ["| IPC | RDED, soft | stronger random, soft | IOR (final) | IOR (best-of) | > 2 SE | RDED, hard "
-             "| that random, hard | HLR |", "|---" * 9 + "|"]
+    lines = ["| IPC | stronger random baseline (soft) | seeds | RDED, soft | random, soft | IOR, final "
+             "| IOR, best-of | IOR > 2 SE | RDED, hard | that random, hard |", "|---" * 10 + "|"]
     for ipc in (1, 10, 50):
         rded = results.get(("rded-stored", ipc))
         randoms = {v: results[(f"random-{v}-soft", ipc)] for v in RANDOM_VIEWS if (f"random-{v}-soft", ipc) in results}
         if not rded or not randoms:
             continue
-        views = max(randoms, key=lambda v: estimate(randoms[v])[0])
-        (a, sa, na), (b, sb, nb) = estimate(rded), estimate(randoms[views])
-        ior, se = a - b, math.hypot(sa, sb)
-        (ab, sab, _), (bb, sbb, _) = estimate(rded, "best"), estimate(randoms[views], "best")
-        hard = results.get(("rded-hard", ipc))
-        rhard = results.get((f"random-{views}-hard", ipc))
-        fmt = lambda x, s, n: f"{x:.1f} ± {s:.1f} ({n} seed{'s' if n > 1 else ''})"  # noqa: E731
+        views = max(randoms, key=lambda v: statistics.fmean(top1(r, "final") for r in randoms[v].values()))
+        a, b, ior, se, n = paired(rded, randoms[views])
+        *_, ior_best, se_best, _ = paired(rded, randoms[views], "best")
+        hard = [results.get((stem, ipc), {}) for stem in ("rded-hard", f"random-{views}-hard")]
+        hard_cells = [(f"{statistics.fmean(top1(r, 'final') for r in runs.values()):.1f} ({len(runs)})" if runs
+                       else "not run") for runs in hard]
         lines.append("| " + " | ".join([
-            str(ipc), fmt(a, sa, na), f"{RANDOM_VIEWS[views]}: {fmt(b, sb, nb)}", f"{ior:+.1f} ± {se:.1f}",
-            f"{ab - bb:+.1f} ± {math.hypot(sab, sbb):.1f}" if not math.isnan(ab - bb) else "",
-            "yes" if abs(ior) > 2 * se else "no",
-            fmt(*estimate(hard)) if hard else "not run", fmt(*estimate(rhard)) if rhard else "not run",
-            "full − RDED hard (full data not run)"]) + " |")
+            str(ipc), RANDOM_VIEWS[views], str(n), f"{a:.1f}", f"{b:.1f}", f"{ior:+.1f} ± {se:.1f}",
+            "" if math.isnan(ior_best) else f"{ior_best:+.1f} ± {se_best:.1f}", "yes" if abs(ior) > 2 * se else "no",
+            *hard_cells]) + " |")
     return lines
 
 
@@ -133,7 +173,8 @@ def main(dirs: list[Path]) -> None:
         print("\nSeeds:\n")
         print("\n".join(seeds))
     if any(stem.startswith("random-") and stem.count("-") == 2 for stem, _ in results):
-        print("\nIOR / HLR (DD-Ranking's terms; ± one standard error):\n")
+        print("\nIOR and the hard-label accuracies of HLR (DD-Ranking's terms; ± one standard error; hard: "
+              "mean final top-1 % (seeds)):\n")
         print("\n".join(ranking_table(results)))
 
 
