@@ -4,7 +4,7 @@
 # ResNet-18 students from scratch at 224 px for 300 epochs; final-epoch and best-of top-1.
 # Resumable: a finished step (its output exists) is skipped, a killed distillation or student training
 # continues from its last commit or checkpoint. Each row's JSON lands in OUT as soon as it is measured.
-# Usage: [STEPS="data random ipc1 ipc10 ipc50 native refine"] [ONLY=regex] [SEEDS="0"] [STRONGER=imagenet]
+# Usage: [STEPS="data random ipc1 ipc10 random50 ipc50 native refine refine-data"] [ONLY=regex] [SEEDS="0"] [STRONGER=imagenet]
 #        bash benchmarks/paper-recipe.sh [OUT_DIR]
 #   data: the RDED IPC 50 set and its slices, the whole-image random set without crops (about 35 min)
 #   random: the random sets under RDED's views and ImageNet's, IPC 10 and its IPC 1 slice (about 10 min)
@@ -12,11 +12,12 @@
 #   ipc1, ipc10: every row at that IPC (IPC 1 about 3 min a row, IPC 10 about 11), for each of SEEDS;
 #   ipc50: RDED soft and hard, STRONGER random soft (75-90 min each on 2 cores, resumed with the same
 #   command); native: scoring mode native, IPC 10 (about 20 min); refine: RDED + refine at IPC 10 and 1
+#   (about 60 min); refine-data: the same with the BN term on the data's statistics (refine.bn_stats = data)
 #   ONLY: run only the rows whose name matches (for example ONLY='hard' or ONLY='^random-imagenet')
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-out/paper-recipe}
-STEPS=${STEPS:-data random ipc1 ipc10 random50 ipc50 native refine}
+STEPS=${STEPS:-data random ipc1 ipc10 random50 ipc50 native refine refine-data}
 SEEDS=${SEEDS:-0}
 STRONGER=${STRONGER:-imagenet}
 RDED=.venv/bin/rded
@@ -97,6 +98,12 @@ for step in $STEPS; do
       slice "$OUT/refine" 1
       row refine-stored-ipc1 "$OUT/refine-ipc1"
       row refine-stored-ipc10 "$OUT/refine" ;;
+    refine-data)  # the BN term matches the data's own statistics (refine.bn_stats = data), not ImageNet's
+      distill jobs/imagewoof.toml "$OUT/refine-data" --set distill.ipc=10 "${DATA[@]}" "${REFINE[@]}" \
+        --set refine.bn_stats=data
+      slice "$OUT/refine-data" 1
+      row refine-data-stored-ipc1 "$OUT/refine-data-ipc1"
+      row refine-data-stored-ipc10 "$OUT/refine-data" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

@@ -31,6 +31,7 @@ ROWS = [("rded-stored", "RDED (`pad`)", "stored soft labels"),
         ("rded-online", "RDED (`pad`)", "observer online (authors' way)"),
         ("native-stored", "RDED (`native` scoring)", "stored soft labels"),
         ("refine-stored", "RDED + refine", "stored soft labels"),
+        ("refine-data-stored", "RDED + refine, BN term on the data's statistics", "stored soft labels"),
         # the short recipe's names for the whole-image baseline
         ("random-soft", RANDOM_VIEWS["nocrop"], "stored soft labels"),
         ("random-hard", RANDOM_VIEWS["nocrop"], "hard labels")]
