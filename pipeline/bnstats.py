@@ -110,6 +110,10 @@ def measure(refiner: Refiner, sample: Sequence[SampleRef], read: Callable[[Sampl
     for t in (t for ts in terms for t in ts):
         t.start_accumulating()
     used = 0
+    threads = torch.get_num_threads()
+    # one thread: a parallel sum's order (so its last bits, so the refined pixels) would follow the thread count,
+    # which differs between a single process and torchrun's ranks; a few seconds for 512 images at 224 px
+    torch.set_num_threads(1)
     try:
         with torch.no_grad(), _in_eval_mode([obs.model for obs in refiner.observers]):
             for start in range(0, len(sample), cfg.micro_batch):  # fixed chunks: independent of runtime.batch_size
@@ -122,6 +126,7 @@ def measure(refiner: Refiner, sample: Sequence[SampleRef], read: Callable[[Sampl
                     obs.class_logits(obs.normalize(x.to(obs.device)))  # under the observer's precision policy
                 used += len(candidates.images)
     finally:
+        torch.set_num_threads(threads)
         for t in (t for ts in terms for t in ts):
             t.remove()
     if not used:
