@@ -111,20 +111,20 @@ def binomial_se(percent: float, n: int) -> float:
 
 
 def paired(a: dict[int, dict], b: dict[int, dict], key: str = "final") -> tuple[float, float, float, float, int]:
-    """a's and b's top-1 % over the seeds both have, and their difference with its standard error: over the
-    seeds' paired differences when there are several (the same seed: the same initialisation and best-of
-    subset), else the binomial error of the two evaluations (val sampling only: it leaves out the training's
-    own noise, so it understates the error)."""
+    """a's and b's top-1 % over the seeds both have, and their difference with its standard error: that of the
+    seeds' paired differences (the same seed: the same initialisation and best-of subset), at least the
+    binomial error of the evaluations (val sampling); with one seed the binomial error alone, which leaves out
+    the training's own noise and so understates the error."""
     seeds = [s for s in sorted(set(a) & set(b)) if top1(a[s], key) is not None and top1(b[s], key) is not None]
     if not seeds:
         return math.nan, math.nan, math.nan, math.nan, 0
     xs, ys = [top1(a[s], key) for s in seeds], [top1(b[s], key) for s in seeds]
     diffs = [x - y for x, y in zip(xs, ys)]
+    n = a[seeds[0]].get("val_samples", 3929) if key == "final" else 500
+    # the val sample's error is a floor: a few seeds' spread can come out far below it by chance
+    se = math.hypot(binomial_se(statistics.fmean(xs), n), binomial_se(statistics.fmean(ys), n)) / math.sqrt(len(seeds))
     if len(seeds) > 1:
-        se = statistics.stdev(diffs) / math.sqrt(len(seeds))
-    else:
-        n = a[seeds[0]].get("val_samples", 3929) if key == "final" else 500
-        se = math.hypot(binomial_se(xs[0], n), binomial_se(ys[0], n))
+        se = max(se, statistics.stdev(diffs) / math.sqrt(len(seeds)))
     return statistics.fmean(xs), statistics.fmean(ys), statistics.fmean(diffs), se, len(seeds)
 
 
