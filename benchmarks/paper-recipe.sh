@@ -70,6 +70,7 @@ rows() {  # ipc: every row at that IPC; IPC 1 and 10 are slices (RDED, nocrop) o
   done
 }
 
+main() {  # one function, read whole before it runs: the file can be edited while a long run uses it
 for step in $STEPS; do
   case $step in
     data)
@@ -107,3 +108,7 @@ for step in $STEPS; do
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
+}
+
+main
+exit
