@@ -173,10 +173,10 @@ def main(dirs: list[Path]) -> None:
     if seeds := seeds_table(results):
         print("\nSeeds:\n")
         print("\n".join(seeds))
-    if any(stem.startswith("random-") and stem.count("-") == 2 for stem, _ in results):
+    if len(ranking := ranking_table(results)) > 2:  # rows beyond the header: a random baseline and RDED
         print("\nIOR and the hard-label accuracies of HLR (DD-Ranking's terms; ± one standard error; hard: "
               "mean final top-1 % (seeds)):\n")
-        print("\n".join(ranking_table(results)))
+        print("\n".join(ranking))
 
 
 if __name__ == "__main__":

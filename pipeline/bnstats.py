@@ -15,10 +15,9 @@ in forward passes of `refine.micro_batch` images in draw order. The statistics a
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import json
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,20 +81,6 @@ class DataStatistics:
                 "observers": [{"name": name, "layers": layers} for name, layers in zip(self.observers, self.layers)]}
 
 
-@contextlib.contextmanager
-def _in_eval_mode(models: Sequence[torch.nn.Module]) -> Iterator[None]:
-    """Eval mode (running statistics used, never updated) for the measurement, the models as before after."""
-    modes = [[m.training for m in model.modules()] for model in models]
-    for model in models:
-        model.eval()
-    try:
-        yield
-    finally:
-        for model, flags in zip(models, modes):
-            for m, flag in zip(model.modules(), flags):
-                m.train(flag)
-
-
 def measure(refiner: Refiner, sample: Sequence[SampleRef], read: Callable[[SampleRef], bytes], cutter: Cutter, *,
             seed: int, max_pixels: int) -> DataStatistics:
     """The BN-layer input statistics of every refine observer over the sampled images (in sample order).
@@ -115,7 +100,7 @@ def measure(refiner: Refiner, sample: Sequence[SampleRef], read: Callable[[Sampl
     # which differs between a single process and torchrun's ranks; a few seconds for 512 images at 224 px
     torch.set_num_threads(1)
     try:
-        with torch.no_grad(), _in_eval_mode([obs.model for obs in refiner.observers]):
+        with torch.no_grad():  # observers are built in eval mode (rded.observer): BN never updates its statistics
             for start in range(0, len(sample), cfg.micro_batch):  # fixed chunks: independent of runtime.batch_size
                 candidates, _ = cut_candidates(sample[start:start + cfg.micro_batch], read, cutter, seed=seed,
                                                crops=1, patch_size=size, window=centre_square, max_pixels=max_pixels)

@@ -285,7 +285,7 @@ def ddranking_tensors(manifest: Manifest, n: int, num_classes: int) -> dict[str,
 
 def write_arrays(run: Path, manifest: Manifest, classes: list[ClassRecord], stage: Stage) -> dict[str, Any]:
     num_classes = check_labels(run, manifest)
-    resolution, factor = manifest.resolution, view_grid_of(manifest.job)
+    resolution, grid = manifest.resolution, view_grid_of(manifest.job)
     shards, label_bytes = [], 0
     for shard, images in iter_images(run, manifest, classes):
         labels = read_view_labels(run, shard, num_classes)
@@ -304,8 +304,8 @@ def write_arrays(run: Path, manifest: Manifest, classes: list[ClassRecord], stag
         "logits.npy": {"shape": [views, num_classes], "dtype": "float16", "content": "the stored log-probabilities "
                        "of each view, shifted so the largest is 0 (softmax(x / T) per row); columns are the data "
                        "set's class indices (the shards' .cls), not the labels of classes.json"},
-        "views.npy": {"shape": [views, 2 * factor + 5], "dtype": np.dtype(view_params_dtype(resolution)).name,
-                      "columns": view_columns(factor)}},
+        "views.npy": {"shape": [views, 2 * grid + 5], "dtype": np.dtype(view_params_dtype(resolution)).name,
+                      "columns": view_columns(grid)}},
         "bytes": {"labels_compact": sum(s.labels["bytes"] for s in manifest.shards if s.labels),
                   "labels_arrays": label_bytes}}
 

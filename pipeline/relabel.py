@@ -42,7 +42,7 @@ class Relabeler:
         self.scorer = scorer
         self.seed, self.views, self.resolution, self.factor = seed, views, resolution, factor
         self.view_grid = view_grid or factor
-        self.view_scale = view_scale or (1.0 / self.view_grid, 1.0)
+        self.view_scale = view_scale  # None: draw_view's default, (1 / view_grid, 1)
         self.num_classes = len(scorer.observer.output_index)
         # classes stored per label: all of them (exact labels) up to max(topk, exact_classes) classes
         self.topk = self.num_classes if self.num_classes <= max(topk, exact_classes) else topk
