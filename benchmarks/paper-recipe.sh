@@ -4,7 +4,7 @@
 # ResNet-18 students from scratch at 224 px for 300 epochs; final-epoch and best-of top-1.
 # Resumable: a finished step (its output exists) is skipped, a killed distillation or student training
 # continues from its last commit or checkpoint. Each row's JSON lands in OUT as soon as it is measured.
-# Usage: [STEPS="data random ipc1 ipc10 random50 ipc50 native refine refine-data"] [ONLY=regex] [SEEDS="0"] [STRONGER=imagenet]
+# Usage: [STEPS="data random ipc1 ipc10 random50 ipc50 native refine refine-data online50 pool320"] [ONLY=regex] [SEEDS="0"] [STRONGER=imagenet]
 #        bash benchmarks/paper-recipe.sh [OUT_DIR]
 #   data: the RDED IPC 50 set and its slices, the whole-image random set without crops (about 35 min)
 #   random: the random sets under RDED's views and ImageNet's, IPC 10 and its IPC 1 slice (about 10 min)
@@ -13,15 +13,19 @@
 #   ipc50: RDED soft and hard, STRONGER random soft (75-90 min each on 2 cores, resumed with the same
 #   command); native: scoring mode native, IPC 10 (about 20 min); refine: RDED + refine at IPC 10 and 1
 #   (about 60 min); refine-data: the same with the BN term on the data's statistics (refine.bn_stats = data)
+#   online50, pool320: IPC 50 gap candidates: the authors' online teacher on RDED's IPC 50 set (about 110 min);
+#   RDED from the full 9,025-photo pool at 320 px (benchmarks/imagewoof2_320.py builds it into out/imagewoof2-320),
+#   IPC 50 and its IPC 10 slice (set about 25 min, students as ipc10 and ipc50)
 #   ONLY: run only the rows whose name matches (for example ONLY='hard' or ONLY='^random-imagenet')
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-out/paper-recipe}
-STEPS=${STEPS:-data random ipc1 ipc10 random50 ipc50 native refine refine-data}
+STEPS=${STEPS:-data random ipc1 ipc10 random50 ipc50 native refine refine-data online50 pool320}
 SEEDS=${SEEDS:-0}
 STRONGER=${STRONGER:-imagenet}
 RDED=.venv/bin/rded
 VAL="../shared/data/imagewoof/val-{000000..000001}.tar"
+POOL320=out/imagewoof2-320  # relative to the job file's directory below (data.train paths are)
 DATA=(--set relabel.views=300 --set runtime.progress=false)
 REFINE=(--set refine.enabled=true --set refine.iterations=400 --set "refine.resolutions=[200,224,200,224]"
         --set refine.bn_weight=0.0001 --set refine.lr=0.05)
@@ -105,6 +109,17 @@ for step in $STEPS; do
       slice "$OUT/refine-data" 1
       row refine-data-stored-ipc1 "$OUT/refine-data-ipc1"
       row refine-data-stored-ipc10 "$OUT/refine-data" ;;
+    online50)  # the authors' labels: the observer labels every CutMix-ed batch (no stored views)
+      row rded-online-ipc50 "$OUT/rded" --teacher-online --job jobs/imagewoof.toml ;;
+    pool320)  # the same val split; only the train pool changes
+      .venv/bin/python benchmarks/imagewoof2_320.py --check "$POOL320" >/dev/null || {
+        echo "pool320: build $POOL320 first: python benchmarks/imagewoof2_320.py <git dir of q878787/imagewoof2-320>" >&2
+        exit 2; }
+      distill jobs/imagewoof.toml "$OUT/pool320" --set distill.ipc=50 "${DATA[@]}" \
+        --set "data.train=[\"../$POOL320/train-{000000..000004}.tar\"]"
+      slice "$OUT/pool320" 10
+      row pool320-stored-ipc10 "$OUT/pool320-ipc10"
+      row pool320-stored-ipc50 "$OUT/pool320" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

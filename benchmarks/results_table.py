@@ -30,6 +30,7 @@ ROWS = [("rded-stored", "RDED (`pad`)", "stored soft labels"),
         ("rded-hard", "RDED (`pad`)", "hard labels"),
         ("rded-online", "RDED (`pad`)", "observer online (authors' way)"),
         ("native-stored", "RDED (`native` scoring)", "stored soft labels"),
+        ("pool320-stored", "RDED (`pad`), full pool at 320 px", "stored soft labels"),
         ("refine-stored", "RDED + refine", "stored soft labels"),
         ("refine-data-stored", "RDED + refine, BN term on the data's statistics", "stored soft labels"),
         # the short recipe's names for the whole-image baseline
