@@ -1,13 +1,18 @@
-"""ImageWoof's full train split at 320 px (fastai imagewoof2-320: 9,025 photos) as WebDataset shards, byte-reproducible.
+"""ImageWoof's full train (9,025 photos) or val (3,929) split at 320 px (fastai imagewoof2-320) as WebDataset shards,
+byte-reproducible.
 
-    nice -n 10 .venv/bin/python benchmarks/imagewoof2_320.py SRC [OUT] [--seed 0] [--per-shard 2000] [--force] [--reference DIR]
-    .venv/bin/python benchmarks/imagewoof2_320.py --check [OUT]
+    nice -n 10 .venv/bin/python benchmarks/imagewoof2_320.py SRC [OUT] [--split train|val] [--seed 0] [--per-shard 2000]
+        [--force] [--reference DIR]
+    .venv/bin/python benchmarks/imagewoof2_320.py --check [OUT] [--split train|val]
 
-SRC: the bare git dir of github:q878787/imagewoof2-320 (read at --rev, default HEAD) or a dir with train/<wnid>/*.JPEG.
-OUT (default out/imagewoof2-320, git-ignored) gets train-NNNNNN.tar in the shared 160-px set's layout (<key>.jpg: the
-source JPEG bytes unchanged; <key>.cls: the classes.json index), classes.json, files.tsv, build.json, SHA256SUMS, README.md.
-jobs/imagewoof.toml runs on it with only data.train changed. A rerun skips when SHA256SUMS verifies and the settings match
-(--force rebuilds); --check verifies OUT against SHA256SUMS; --reference ../shared/data/imagewoof compares keys/classes.
+SRC: the bare git dir of github:q878787/imagewoof2-320 (read at --rev, default HEAD) or a dir with
+<split>/<wnid>/*.JPEG. OUT (default out/imagewoof2-320, or out/imagewoof2-320-val for --split val; git-ignored) gets
+<split>-NNNNNN.tar in the shared 160-px set's layout (<key>.jpg: the source JPEG bytes unchanged; <key>.cls: the
+classes.json index), classes.json, files.tsv, build.json, SHA256SUMS, README.md. jobs/imagewoof.toml runs on the train
+build with only data.train changed; the val build has the shared set's val shard names, keys and classes, so
+`rded eval --val` takes it in place of the 160-px val. A rerun skips when SHA256SUMS verifies and the settings match
+(--force rebuilds); --check verifies OUT against SHA256SUMS; --reference ../shared/data/imagewoof compares keys and
+classes with its shards of the same split.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ from PIL import Image
 from rded.tario import sha256_file, write_bytes_atomic, write_tar
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = ROOT / "out" / "imagewoof2-320"
+SPLITS = ("train", "val")
+DEFAULT_OUT = {"train": ROOT / "out" / "imagewoof2-320", "val": ROOT / "out" / "imagewoof2-320-val"}
 SOURCE = "github:q878787/imagewoof2-320"
 FORMAT = 1  # bump when the output for the same source and settings would change
 
@@ -53,8 +59,10 @@ CLASSES = [
     ("n02115641", "dingo", 273),
 ]
 INDEX = {wnid: i for i, (wnid, _, _) in enumerate(CLASSES)}
-# fastai's imagewoof2 train split (noisy_imagewoof.csv, is_valid = False), per class
-EXPECTED = dict(zip(INDEX, [941, 942, 932, 580, 949, 943, 949, 928, 921, 940]))
+# fastai's imagewoof2 splits (noisy_imagewoof.csv: is_valid False / True), per class; val is also the shared
+# 160-px set's val, which keeps all of it
+EXPECTED = {"train": dict(zip(INDEX, [941, 942, 932, 580, 949, 943, 949, 928, 921, 940])),
+            "val": dict(zip(INDEX, [409, 408, 418, 224, 401, 407, 401, 422, 429, 410]))}
 JPEG_EXTS = (".jpeg", ".jpg")
 
 
@@ -67,7 +75,7 @@ def classes_json() -> bytes:
 
 @dataclass
 class Entry:
-    path: str  # train/<wnid>/<file name>, as in the source
+    path: str  # <split>/<wnid>/<file name>, as in the source
     ref: str  # the git blob id, or the file's path on disk
     size: int
     kind: str = "file"  # what the listing said it is (a git mode other than a plain blob is reported)
@@ -87,9 +95,9 @@ class GitSource:
         return subprocess.run(["git", f"--git-dir={self.git_dir}", *args], check=True,
                               capture_output=True, text=True).stdout
 
-    def list(self) -> list[Entry]:
+    def list(self, split: str) -> list[Entry]:
         out = subprocess.run(["git", f"--git-dir={self.git_dir}", "ls-tree", "-r", "-l", "-z", self.commit,
-                              "--", "train/"], check=True, capture_output=True).stdout
+                              "--", f"{split}/"], check=True, capture_output=True).stdout
         entries = []
         for rec in out.decode().split("\0"):
             if not rec:
@@ -124,7 +132,7 @@ class GitSource:
 
 
 class DirSource:
-    """A directory with train/<wnid>/*.JPEG (its commit is whatever --commit says, else unknown)."""
+    """A directory with <split>/<wnid>/*.JPEG (its commit is whatever --commit says, else unknown)."""
 
     def __init__(self, root: Path, commit: str | None):
         self.root = root
@@ -132,10 +140,10 @@ class DirSource:
         self.commit_date = "unknown"
         self.label = f"directory {root.name}/ (said to be {SOURCE})" if commit else f"directory {root.name}/"
 
-    def list(self) -> list[Entry]:
-        top = self.root / "train"
+    def list(self, split: str) -> list[Entry]:
+        top = self.root / split
         if not top.is_dir():
-            sys.exit(f"imagewoof2_320: {self.root} has no train/ directory and is not a bare git dir")
+            sys.exit(f"imagewoof2_320: {self.root} has no {split}/ directory and is not a bare git dir")
         entries = []
         for dirpath, dirnames, filenames in os.walk(top):
             dirnames.sort()
@@ -175,7 +183,7 @@ class Sample:
     mode: str = ""
 
 
-def plan(entries: list[Entry]) -> tuple[list[Sample], list[tuple[str, str]]]:
+def plan(entries: list[Entry], split: str) -> tuple[list[Sample], list[tuple[str, str]]]:
     """The JPEGs to use, in sorted-path order, and the (path, why) of every listed file that is not one."""
     samples, ignored, seen = [], [], {}
     for e in sorted(entries, key=lambda e: e.path):
@@ -184,7 +192,7 @@ def plan(entries: list[Entry]) -> tuple[list[Sample], list[tuple[str, str]]]:
             ignored.append((e.path, e.kind))
             continue
         if len(parts) != 3:
-            ignored.append((e.path, "not at train/<wnid>/<file>"))
+            ignored.append((e.path, f"not at {split}/<wnid>/<file>"))
             continue
         _, wnid, name = parts
         if wnid not in INDEX:
@@ -202,13 +210,14 @@ def plan(entries: list[Entry]) -> tuple[list[Sample], list[tuple[str, str]]]:
     return samples, ignored
 
 
-def check_counts(samples: list[Sample]) -> None:
+def check_counts(samples: list[Sample], split: str) -> None:
+    expected = EXPECTED[split]
     got = Counter(s.wnid for s in samples)
-    bad = [(w, got.get(w, 0), n) for w, n in EXPECTED.items() if got.get(w, 0) != n]
-    if bad or len(samples) != sum(EXPECTED.values()):
+    bad = [(w, got.get(w, 0), n) for w, n in expected.items() if got.get(w, 0) != n]
+    if bad or len(samples) != sum(expected.values()):
         lines = "\n".join(f"  {w}: {g} listed, {n} expected" for w, g, n in bad)
-        sys.exit(f"imagewoof2_320: the source lists {len(samples)} JPEGs, fastai's imagewoof2 train has "
-                 f"{sum(EXPECTED.values())}:\n{lines}\n(--no-count-check builds anyway)")
+        sys.exit(f"imagewoof2_320: the source lists {len(samples)} JPEGs, fastai's imagewoof2 {split} has "
+                 f"{sum(expected.values())}:\n{lines}\n(--no-count-check builds anyway)")
 
 
 def verify(source, samples: list[Sample]) -> tuple[list[Sample], list[tuple[str, str]]]:
@@ -272,7 +281,7 @@ def check(out: Path, verbose: bool = True) -> bool:
             ok = False
         if verbose:
             print(f"{name}: {'OK' if got == digest else 'FAILED (' + got + ')'}")
-    for p in sorted(out.glob("train-*.tar")):
+    for p in sorted(p for split in SPLITS for p in out.glob(f"{split}-*.tar")):  # leftovers of either split
         if p.name not in sums:
             ok = False
             if verbose:
@@ -282,7 +291,7 @@ def check(out: Path, verbose: bool = True) -> bool:
     return ok
 
 
-def guard_out(out: Path) -> None:
+def guard_out(out: Path, split: str) -> None:
     """Refuse an OUT inside a git work tree unless git ignores it: the shards must never be committed."""
     probe = out.resolve()
     parent = probe
@@ -291,17 +300,41 @@ def guard_out(out: Path) -> None:
     top = subprocess.run(["git", "-C", str(parent), "rev-parse", "--show-toplevel"], capture_output=True, text=True)
     if top.returncode != 0:
         return
-    ignored = subprocess.run(["git", "-C", top.stdout.strip(), "check-ignore", "-q", str(probe / "train-000000.tar")])
+    shard = probe / f"{split}-000000.tar"
+    ignored = subprocess.run(["git", "-C", top.stdout.strip(), "check-ignore", "-q", str(shard)])
     if ignored.returncode != 0:
         sys.exit(f"imagewoof2_320: {out} is inside the git work tree {top.stdout.strip()} and not git-ignored; "
-                 "write the shards elsewhere (e.g. out/imagewoof2-320)")
+                 f"write the shards elsewhere (e.g. {DEFAULT_OUT[split].relative_to(ROOT)})")
 
 
 def stats(values: list[int]) -> str:
     return f"{min(values)} / {statistics.median(values):g} / {max(values)}"
 
 
+def readme_intro(build: dict, split: str) -> str:
+    """The title and what the shards are for (train's text is what it was before --split, byte for byte)."""
+    if split == "train":
+        return f"""# ImageWoof train (320 px, full split) as WebDataset shards
+
+All {build['samples']:,} train photographs of ImageWoof (fastai's `imagewoof2-320`: the 10 dog-breed classes of
+ImageNet, 320 px on the shorter side), stored as WebDataset tar shards in the layout of the shared 160-px set
+(`../shared/data/imagewoof`), so `jobs/imagewoof.toml` runs on them with only `data.train` changed. Built by
+`benchmarks/imagewoof2_320.py` (format {FORMAT}).
+"""
+    return f"""# ImageWoof val (320 px, full split) as WebDataset shards
+
+All {build['samples']:,} val photographs of ImageWoof (fastai's `imagewoof2-320`: the 10 dog-breed classes of
+ImageNet, 320 px on the shorter side), stored as WebDataset tar shards in the layout of the shared 160-px set
+(`../shared/data/imagewoof`), with the shard names, keys and class indices of its `val-*.tar`, so
+`rded eval --val` takes them in place of the 160-px val (a training's checkpoint names its val by shard names
+and best-of keys, which stay the same). Built by `benchmarks/imagewoof2_320.py --split val` (format {FORMAT}).
+ImageWoof's val is mostly ImageNet *train* images: an ImageNet-1k observer has seen most of it.
+"""
+
+
 def readme(build: dict, samples: list[Sample]) -> str:
+    split = build.get("split", "train")  # a build.json without "split" is train's (it predates --split)
+    expected = f"{sum(EXPECTED[split].values()):,}"
     per_class = Counter(s.cls for s in samples)
     w = [s.width for s in samples]
     h = [s.height for s in samples]
@@ -316,27 +349,21 @@ def readme(build: dict, samples: list[Sample]) -> str:
     ignored = "\n".join(f"- `{p}`: {why}" for p, why in build["ignored"]) or "- none"
     dups = "\n".join(f"- {', '.join(f'`{k}`' for k in g)}" for g in build["duplicate_content"]) or "- none"
     total = sum(s["bytes"] for s in build["shards"])
-    return f"""# ImageWoof train (320 px, full split) as WebDataset shards
-
-All {build['samples']:,} train photographs of ImageWoof (fastai's `imagewoof2-320`: the 10 dog-breed classes of
-ImageNet, 320 px on the shorter side), stored as WebDataset tar shards in the layout of the shared 160-px set
-(`../shared/data/imagewoof`), so `jobs/imagewoof.toml` runs on them with only `data.train` changed. Built by
-`benchmarks/imagewoof2_320.py` (format {FORMAT}).
-
+    return f"""{readme_intro(build, split)}
 ## Source
 
-- {build['source']}, commit `{build['commit']}` ({build['commit_date']}): `train/<wnid>/*.JPEG`.
-- Listing: {build['listed']:,} JPEGs under `train/` (fastai's imagewoof2 train split has 9,025); sha256 of the
+- {build['source']}, commit `{build['commit']}` ({build['commit_date']}): `{split}/<wnid>/*.JPEG`.
+- Listing: {build['listed']:,} JPEGs under `{split}/` (fastai's imagewoof2 {split} split has {expected}); sha256 of the
   sorted `path<TAB>{'blob id' if build['commit'] != 'unknown' else 'size'}` lines: `{build['listing_sha256']}`.
 - Every JPEG was decoded in full with Pillow {build['pillow']}; any that did not decode would be listed here and
-  left out. Not decodable: {len(build['bad'])}. Files under `train/` that are not JPEGs: {len(build['ignored'])}.
+  left out. Not decodable: {len(build['bad'])}. Files under `{split}/` that are not JPEGs: {len(build['ignored'])}.
 - Terms: ImageWoof is a subset of ImageNet (ILSVRC-2012): the ImageNet terms of access apply (non-commercial
   research and education).
 
 Not decodable:
 {bad}
 
-Not used (not `train/<wnid>/*.JPEG`):
+Not used (not `{split}/<wnid>/*.JPEG`):
 {ignored}
 
 Identical bytes under more than one key:
@@ -378,56 +405,34 @@ USTAR from Python's `tarfile` (`rded.tario.write_tar`): mtime 0, uid/gid 0, empt
 
 ```python
 import webdataset as wds
-ds = (wds.WebDataset("train-{{000000..{len(build['shards']) - 1:06d}}}.tar", shardshuffle=False)
+ds = (wds.WebDataset("{split}-{{000000..{len(build['shards']) - 1:06d}}}.tar", shardshuffle=False)
         .decode("pil").to_tuple("jpg", "cls"))
 ```
 """
 
 
-def build(args) -> int:
-    t0 = time.time()
-    out: Path = args.out
-    guard_out(out)
-    source = open_source(args.src, args.rev, args.commit)
-    entries = source.list()
-    listing = hashlib.sha256("".join(source.listing_line(e) + "\n"
-                                     for e in sorted(entries, key=lambda e: e.path)).encode()).hexdigest()
-    settings = {"format": FORMAT, "listing_sha256": listing, "seed": args.seed, "per_shard": args.per_shard}
-
+def up_to_date(out: Path, settings: dict, args, t0: float) -> bool:
+    """True (after printing the summary) when OUT verifies and was built from the same listing and settings."""
     prev = out / "build.json"
-    if not args.force and read_sums(out) is not None and prev.is_file():
-        old = json.loads(prev.read_text())
-        if all(old.get(k) == v for k, v in settings.items()) and check(out, verbose=False):
-            source.close()
-            print(f"{out}: up to date (SHA256SUMS verifies; source {old['commit']}, seed {old['seed']}, "
-                  f"{len(old['shards'])} shards); --force rebuilds")
-            summary(old, None, time.time() - t0, args)
-            return 0
-        print(f"{out}: SHA256SUMS does not verify or the settings differ: rebuilding")
+    if args.force or read_sums(out) is None or not prev.is_file():
+        return False
+    old = json.loads(prev.read_text())
+    same = old.get("split", "train") == args.split and all(old.get(k) == v for k, v in settings.items())
+    if same and check(out, verbose=False):
+        print(f"{out}: up to date (SHA256SUMS verifies; source {old['commit']}, seed {old['seed']}, "
+              f"{len(old['shards'])} shards); --force rebuilds")
+        summary(old, None, time.time() - t0, args)
+        return True
+    print(f"{out}: SHA256SUMS does not verify or the settings differ: rebuilding")
+    return False
 
-    samples, ignored = plan(entries)
-    print(f"{source.label} @ {source.commit}: {len(entries):,} files under train/, {len(samples):,} JPEGs"
-          + (f", {len(ignored)} not used" if ignored else ""), flush=True)
-    for p, why in ignored:
-        print(f"  NOT USED {p}: {why}")
-    if not args.no_count_check:
-        check_counts(samples)
-    t1 = time.time()
-    good, bad = verify(source, samples)
-    t_verify = time.time() - t1
-    if not good:
-        sys.exit("imagewoof2_320: no decodable JPEG")
-    by_sha = defaultdict(list)
-    for s in good:
-        by_sha[s.sha256].append(s.key)
-    dups = sorted(sorted(g) for g in by_sha.values() if len(g) > 1)
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "SHA256SUMS").unlink(missing_ok=True)  # present only when a build is complete
-    t2 = time.time()
+def write_shards(out: Path, source, good: list[Sample], args) -> tuple[list[dict], dict[str, str]]:
+    """<split>-NNNNNN.tar in shard order (each JPEG re-read and checked against its verified sha256), and stale
+    shards of this split from an earlier build with more shards removed."""
     shards, shard_of = [], {}
     for i, part in enumerate(shard_order(good, args.seed, args.per_shard)):
-        name = f"train-{i:06d}.tar"
+        name = f"{args.split}-{i:06d}.tar"
 
         def members(part=part):
             for s in part:
@@ -441,13 +446,52 @@ def build(args) -> int:
                        "per_class": [sum(1 for s in part if s.cls == c) for c in range(len(CLASSES))]})
         shard_of.update((s.key, name) for s in part)
         print(f"  wrote {name}: {len(part):,} samples, {shards[-1]['bytes']:,} bytes", flush=True)
-    source.close()
-    t_write = time.time() - t2
     names = {s["name"] for s in shards}
-    for p in sorted(out.glob("train-*.tar")):
+    for p in sorted(out.glob(f"{args.split}-*.tar")):
         if p.name not in names:
             print(f"  removing stale {p.name} (not part of this build)")
             p.unlink()
+    return shards, shard_of
+
+
+def build(args) -> int:
+    t0 = time.time()
+    out: Path = args.out
+    guard_out(out, args.split)
+    source = open_source(args.src, args.rev, args.commit)
+    entries = source.list(args.split)
+    listing = hashlib.sha256("".join(source.listing_line(e) + "\n"
+                                     for e in sorted(entries, key=lambda e: e.path)).encode()).hexdigest()
+    settings = {"format": FORMAT, "listing_sha256": listing, "seed": args.seed, "per_shard": args.per_shard}
+    if args.split != "train":  # train's build.json predates --split and stays byte-identical without the key
+        settings["split"] = args.split
+    if up_to_date(out, settings, args, t0):
+        source.close()
+        return 0
+
+    samples, ignored = plan(entries, args.split)
+    print(f"{source.label} @ {source.commit}: {len(entries):,} files under {args.split}/, {len(samples):,} JPEGs"
+          + (f", {len(ignored)} not used" if ignored else ""), flush=True)
+    for p, why in ignored:
+        print(f"  NOT USED {p}: {why}")
+    if not args.no_count_check:
+        check_counts(samples, args.split)
+    t1 = time.time()
+    good, bad = verify(source, samples)
+    t_verify = time.time() - t1
+    if not good:
+        sys.exit("imagewoof2_320: no decodable JPEG")
+    by_sha = defaultdict(list)
+    for s in good:
+        by_sha[s.sha256].append(s.key)
+    dups = sorted(sorted(g) for g in by_sha.values() if len(g) > 1)
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "SHA256SUMS").unlink(missing_ok=True)  # present only when a build is complete
+    t2 = time.time()
+    shards, shard_of = write_shards(out, source, good, args)
+    source.close()
+    t_write = time.time() - t2
 
     per_class = Counter(s.cls for s in good)
     listed = Counter(s.cls for s in samples)
@@ -472,7 +516,8 @@ def build(args) -> int:
 
 
 def summary(record: dict, samples: list[Sample] | None, seconds: float, args) -> None:
-    print(f"\nsource {record['source']} @ {record['commit']} ({record['commit_date']})")
+    split = record.get("split", "train")  # a build.json without "split" is train's (it predates --split)
+    print(f"\n{split} split of {record['source']} @ {record['commit']} ({record['commit_date']})")
     print(f"{'idx':>3} {'wnid':<10} {'name':<21} {'listed':>6} {'written':>7}")
     for i, (wnid, name, _) in enumerate(CLASSES):
         print(f"{i:>3} {wnid:<10} {name:<21} {record['listed_per_class'][wnid]:>6} {record['per_class'][wnid]:>7}")
@@ -491,40 +536,52 @@ def summary(record: dict, samples: list[Sample] | None, seconds: float, args) ->
     for s in record["shards"]:
         print(f"  {s['sha256']}  {s['name']}  {s['samples']:,} samples  {s['bytes']:,} bytes")
     if args.reference:
-        compare_reference(args.reference, record, args.out)
+        compare_reference(args.reference, args.out, args.split)
     print(f"{seconds:.1f} s")
 
 
-def compare_reference(ref: Path, record: dict, out: Path) -> None:
-    """Keys and classes against another set in this layout (the shared 160-px set): which of its keys are
-    here, and with the same class index; and whether any of this train split is in its val split."""
+def read_cls(shards: list[Path]) -> dict[str, tuple[int, str]]:
+    """key -> (class index, shard name) from the .cls members of tar shards in this layout."""
+    found = {}
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            for m in tar:
+                if m.name.endswith(".cls"):
+                    found[m.name[:-4]] = (int(tar.extractfile(m).read()), shard.name)
+    return found
+
+
+def compare_reference(ref: Path, out: Path, split: str) -> None:
+    """Keys and classes against another set in this layout (the shared 160-px set): its shards of this split
+    (which of its keys are here, with the same class index, and whether keys, classes and shard names are all
+    the same), then its other split (any key of ours there would leak between train and val)."""
     ours = {}
     with open(out / "files.tsv") as f:
         next(f)
         for line in f:
-            key, cls = line.split("\t", 2)[:2]
-            ours[key] = int(cls)
+            key, cls, _, shard = line.split("\t", 4)[:4]
+            ours[key] = (int(cls), shard)
     same_classes = (ref / "classes.json").read_bytes() == classes_json()
-    for split in ("train", "val"):
-        theirs = {}
-        for shard in sorted(ref.glob(f"{split}-*.tar")):
-            with tarfile.open(shard) as tar:
-                for m in tar:
-                    if m.name.endswith(".cls"):
-                        theirs[m.name[:-4]] = int(tar.extractfile(m).read())
+    for other in sorted(SPLITS, key=lambda s: s != split):  # this split first
+        theirs = read_cls(sorted(ref.glob(f"{other}-*.tar")))
         if not theirs:
             continue
         common = theirs.keys() & ours.keys()
-        agree = sum(theirs[k] == ours[k] for k in common)
-        print(f"reference {ref} {split}: {len(theirs):,} keys, {len(common):,} of them here, "
+        agree = sum(theirs[k][0] == ours[k][0] for k in common)
+        print(f"reference {ref} {other}: {len(theirs):,} keys, {len(common):,} of them here, "
               f"{agree:,} with the same class index")
+        if other == split:
+            same = {k: c for k, (c, _) in theirs.items()} == {k: c for k, (c, _) in ours.items()}
+            print(f"reference {other}: the same keys and class indices as ours: {same}; "
+                  f"the same keys in each shard of the same name: {theirs == ours}")
     print(f"reference classes.json identical to ours: {same_classes}")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", type=Path, nargs="?", help="bare git dir of q878787/imagewoof2-320, or a dir with train/")
-    p.add_argument("out", type=Path, nargs="?", default=DEFAULT_OUT, help=f"output dir (default {DEFAULT_OUT})")
+    p.add_argument("src", type=Path, nargs="?", help="bare git dir of q878787/imagewoof2-320, or a dir with <split>/")
+    p.add_argument("out", type=Path, nargs="?", help="output dir (default out/imagewoof2-320, or -val for --split val)")
+    p.add_argument("--split", choices=SPLITS, default="train", help="the split to build (default train)")
     p.add_argument("--check", action="store_true", help="only verify OUT against its SHA256SUMS (no SRC)")
     p.add_argument("--rev", default="HEAD", help="the commit to read from a git dir (default HEAD)")
     p.add_argument("--commit", help="the commit id to record for a plain directory source")
@@ -535,9 +592,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference", type=Path, help="compare keys/classes with this set (../shared/data/imagewoof)")
     args = p.parse_args(argv)
     if args.check:
-        if args.src is not None and args.out != DEFAULT_OUT:
+        if args.src is not None and args.out is not None:
             p.error("--check takes one directory: OUT")
-        return 0 if check(args.src or args.out) else 1
+        return 0 if check(args.src or DEFAULT_OUT[args.split]) else 1
+    args.out = args.out or DEFAULT_OUT[args.split]
     if args.src is None:
         p.error("SRC is required (or --check)")
     if args.per_shard < 1:
