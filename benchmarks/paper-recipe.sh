@@ -4,7 +4,7 @@
 # ResNet-18 students from scratch at 224 px for 300 epochs; final-epoch and best-of top-1.
 # Resumable: a finished step (its output exists) is skipped, a killed distillation or student training
 # continues from its last commit or checkpoint. Each row's JSON lands in OUT as soon as it is measured.
-# Usage: [STEPS="data random ipc1 ipc10 random50 ipc50 native refine refine-data online50 pool320"] [ONLY=regex] [SEEDS="0"] [STRONGER=imagenet]
+# Usage: [STEPS="data random ipc1 ipc10 random50 ipc50 native refine refine-data online50 pool320 val320"] [ONLY=regex] [SEEDS="0"] [STRONGER=imagenet]
 #        bash benchmarks/paper-recipe.sh [OUT_DIR]
 #   data: the RDED IPC 50 set and its slices, the whole-image random set without crops (about 35 min)
 #   random: the random sets under RDED's views and ImageNet's, IPC 10 and its IPC 1 slice (about 10 min)
@@ -15,17 +15,19 @@
 #   (about 60 min); refine-data: the same with the BN term on the data's statistics (refine.bn_stats = data)
 #   online50, pool320: IPC 50 gap candidates: the authors' online teacher on RDED's IPC 50 set (about 110 min);
 #   RDED from the full 9,025-photo pool at 320 px (benchmarks/imagewoof2_320.py builds it into out/imagewoof2-320),
-#   IPC 50 and its IPC 10 slice (set about 25 min, students as ipc10 and ipc50)
+#   IPC 50 and its IPC 10 slice (set about 25 min, students as ipc10 and ipc50); val320: those finished RDED rows
+#   students validated again on the same val photos at 320 px (--split val of the same script; final only)
 #   ONLY: run only the rows whose name matches (for example ONLY='hard' or ONLY='^random-imagenet')
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-out/paper-recipe}
-STEPS=${STEPS:-data random ipc1 ipc10 random50 ipc50 native refine refine-data online50 pool320}
+STEPS=${STEPS:-data random ipc1 ipc10 random50 ipc50 native refine refine-data online50 pool320 val320}
 SEEDS=${SEEDS:-0}
 STRONGER=${STRONGER:-imagenet}
 RDED=.venv/bin/rded
 VAL="../shared/data/imagewoof/val-{000000..000001}.tar"
 POOL320=out/imagewoof2-320  # relative to the job file's directory below (data.train paths are)
+VAL320="out/imagewoof2-320-val/val-{000000..000001}.tar"  # the same 3,929 val photos at 320 px
 DATA=(--set relabel.views=300 --set runtime.progress=false)
 REFINE=(--set refine.enabled=true --set refine.iterations=400 --set "refine.resolutions=[200,224,200,224]"
         --set refine.bn_weight=0.0001 --set refine.lr=0.05)
@@ -63,6 +65,11 @@ row() {  # name set extra...: one student per seed, its result in OUT/name[-seed
     out=$OUT/$name$([ "$seed" = 0 ] || echo "-seed$seed").json
     [ -f "$out" ] || timed "eval-$(basename "$out" .json)" $RDED eval --distilled "$set" "${EVAL[@]}" --seed "$seed" "$@" --out "$out"
   done
+}
+revalue() {  # name set: a finished training's student validated again (final epoch only) on the 320-px val
+  local name=$1 set=$2 out="$OUT/${1%-ipc*}-val320-ipc${1##*-ipc}.json"
+  [[ -f $OUT/$name.json && ! -f $out ]] || return 0
+  $RDED eval --distilled "$set" "${EVAL[@]}" --val "$VAL320" --checkpoint "$OUT/$name.ckpt" --out "$out"
 }
 rows() {  # ipc: every row at that IPC; IPC 1 and 10 are slices (RDED, nocrop) or runs (the other random sets)
   local ipc=$1 views
@@ -120,6 +127,11 @@ for step in $STEPS; do
       slice "$OUT/pool320" 10
       row pool320-stored-ipc10 "$OUT/pool320-ipc10"
       row pool320-stored-ipc50 "$OUT/pool320" ;;
+    val320)  # the finished RDED rows at IPC 10 and 50 validated on the same val split at 320 px (final only)
+      .venv/bin/python benchmarks/imagewoof2_320.py --check --split val >/dev/null || {
+        echo "val320: build it first: python benchmarks/imagewoof2_320.py <git dir> --split val" >&2; exit 2; }
+      revalue rded-stored-ipc10 "$OUT/rded-ipc10"; revalue rded-stored-ipc50 "$OUT/rded"
+      revalue pool320-stored-ipc10 "$OUT/pool320-ipc10"; revalue pool320-stored-ipc50 "$OUT/pool320" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
