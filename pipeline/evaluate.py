@@ -174,6 +174,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     accuracy = evaluate(model, ValShards(urls, num_classes, resolution), workers=cfg.workers, compute=compute)
     result = {
         "distilled": str(cfg.distilled),
+        "val": urls,
         "ipc": manifest.ipc,
         "images": len(train_set),
         "classes": num_classes,

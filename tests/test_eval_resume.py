@@ -17,6 +17,7 @@ from conftest import NUM_CLASSES
 from rded.evaluate import best_of_checks, best_of_subset
 from rded.keyed import keyed_u64
 from rded.runtime import ComputePolicy
+from rded.synthetic import write_synthetic_shards
 from rded.train import ValShards, build_student, evaluate
 
 EPOCHS = 6
@@ -79,6 +80,28 @@ def test_a_finished_training_resumed_only_evaluates_again(baseline_run, val_dir,
     assert again.returncode == 0, again.stderr
     a, b = json.loads(uninterrupted.read_text()), json.loads(out.read_text())
     assert b["resumed_at_epoch"] == EPOCHS and (a["top1"], a["best_of"]) == (b["top1"], b["best_of"])
+
+
+def test_a_finished_training_is_validated_again_on_other_shards_of_the_same_names(baseline_run, val_dir,
+                                                                                   uninterrupted, tmp_path):
+    # the same keys and shard names, other pixels (as the same photos at another resolution): the final figure
+    # is the saved student's on the new shards, the best-of checks stay those of its training
+    other = tmp_path / "val320"
+    write_synthetic_shards(other, num_classes=NUM_CLASSES, per_class=7, num_shards=3, seed=6, size_range=(80, 100),
+                           prefix="val")
+    out = tmp_path / "r.json"
+    out.with_suffix(".ckpt").write_bytes(uninterrupted.with_suffix(".ckpt").read_bytes())
+    again = rded_eval(baseline_run, other, out, "--resume")
+    assert again.returncode == 0, again.stderr
+    a, b = json.loads(uninterrupted.read_text()), json.loads(out.read_text())
+    urls = [str(other / f"val-{i:06d}.tar") for i in range(3)]
+    assert a["val"] == [str(val_dir / f"val-{i:06d}.tar") for i in range(3)] and b["val"] == urls
+    assert b["best_of"] == a["best_of"]
+    compute = ComputePolicy(torch.device("cpu"), "fp32")
+    model = compute.prepare(build_student("resnet18", NUM_CLASSES))
+    model.load_state_dict(final_state(uninterrupted)["model"])
+    accuracy = evaluate(model, ValShards(urls, NUM_CLASSES, 32), compute=compute)
+    assert b["val_samples"] == accuracy.count == 7 * NUM_CLASSES and b["top1"] == round(accuracy.top1, 4)
 
 
 def test_best_of_reports_the_checks_of_the_protocol(baseline_run, val_dir, uninterrupted):
