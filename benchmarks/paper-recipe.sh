@@ -36,7 +36,7 @@ REFINE=(--set refine.enabled=true --set refine.iterations=400 --set "refine.reso
 #   rdedviews: exactly RDED's views (grid shuffle 2 x 2, RandomResizedCrop (0.5, 1), flip), as DD-Ranking;
 #   imagenet: the standard ImageNet augmentation (RandomResizedCrop (0.08, 1), flip).
 # the authors' student recipe is rded eval's default: 300 epochs, batch 10/50/100, AdamW 1e-3, KL at T = 20
-EVAL=(--val "$VAL" --student resnet18 --epochs 300 --checkpoint-every 10 --resume --quiet)
+EVAL=(--student resnet18 --epochs 300 --checkpoint-every 10 --resume --quiet)
 mkdir -p "$OUT"
 
 timed() {  # name command...: runs the command, appends "name seconds" to times.txt
@@ -63,13 +63,14 @@ row() {  # name set extra...: one student per seed, its result in OUT/name[-seed
   [[ -n ${ONLY:-} && ! $name =~ $ONLY ]] && return 0
   for seed in $SEEDS; do
     out=$OUT/$name$([ "$seed" = 0 ] || echo "-seed$seed").json
-    [ -f "$out" ] || timed "eval-$(basename "$out" .json)" $RDED eval --distilled "$set" "${EVAL[@]}" --seed "$seed" "$@" --out "$out"
+    [ -f "$out" ] || timed "eval-$(basename "$out" .json)" $RDED eval --distilled "$set" --val "$VAL" "${EVAL[@]}" --seed "$seed" "$@" --out "$out"
   done
 }
 revalue() {  # name set: a finished training's student validated again (final epoch only) on the 320-px val
+  # (--val adds shards to a list: the 320-px val replaces the 160-px one, it is not given beside it)
   local name=$1 set=$2 out="$OUT/${1%-ipc*}-val320-ipc${1##*-ipc}.json"
   [[ -f $OUT/$name.json && ! -f $out ]] || return 0
-  $RDED eval --distilled "$set" "${EVAL[@]}" --val "$VAL320" --checkpoint "$OUT/$name.ckpt" --out "$out"
+  $RDED eval --distilled "$set" "${EVAL[@]}" --seed 0 --val "$VAL320" --checkpoint "$OUT/$name.ckpt" --out "$out"
 }
 rows() {  # ipc: every row at that IPC; IPC 1 and 10 are slices (RDED, nocrop) or runs (the other random sets)
   local ipc=$1 views
