@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="train a student on a distilled run and report validation accuracy")
     p.add_argument("--distilled", required=True, help="a finished run or slice")
-    p.add_argument("--val", required=True, action="append", help="validation shard path or brace pattern")
+    p.add_argument("--val", required=True, action="append",
+                   help="validation shard path or brace pattern; repeat it to join several")
     p.add_argument("--student", default=None, help="torchvision classification model name (default resnet18)")
     p.add_argument("--epochs", type=int, default=None, help="default 300")
     p.add_argument("--resolution", type=int, default=None, help="training and validation side (default: the run's S)")
