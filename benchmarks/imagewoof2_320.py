@@ -313,23 +313,18 @@ def stats(values: list[int]) -> str:
 
 def readme_intro(build: dict, split: str) -> str:
     """The title and what the shards are for (train's text is what it was before --split, byte for byte)."""
-    if split == "train":
-        return f"""# ImageWoof train (320 px, full split) as WebDataset shards
-
-All {build['samples']:,} train photographs of ImageWoof (fastai's `imagewoof2-320`: the 10 dog-breed classes of
-ImageNet, 320 px on the shorter side), stored as WebDataset tar shards in the layout of the shared 160-px set
-(`../shared/data/imagewoof`), so `jobs/imagewoof.toml` runs on them with only `data.train` changed. Built by
+    purpose = {"train": f"""so `jobs/imagewoof.toml` runs on them with only `data.train` changed. Built by
 `benchmarks/imagewoof2_320.py` (format {FORMAT}).
-"""
-    return f"""# ImageWoof val (320 px, full split) as WebDataset shards
-
-All {build['samples']:,} val photographs of ImageWoof (fastai's `imagewoof2-320`: the 10 dog-breed classes of
-ImageNet, 320 px on the shorter side), stored as WebDataset tar shards in the layout of the shared 160-px set
-(`../shared/data/imagewoof`), with the shard names, keys and class indices of its `val-*.tar`, so
+""", "val": f"""with the shard names, keys and class indices of its `val-*.tar`, so
 `rded eval --val` takes them in place of the 160-px val (a training's checkpoint names its val by shard names
 and best-of keys, which stay the same). Built by `benchmarks/imagewoof2_320.py --split val` (format {FORMAT}).
 ImageWoof's val is mostly ImageNet *train* images: an ImageNet-1k observer has seen most of it.
-"""
+"""}
+    return f"""# ImageWoof {split} (320 px, full split) as WebDataset shards
+
+All {build['samples']:,} {split} photographs of ImageWoof (fastai's `imagewoof2-320`: the 10 dog-breed classes of
+ImageNet, 320 px on the shorter side), stored as WebDataset tar shards in the layout of the shared 160-px set
+(`../shared/data/imagewoof`), {purpose[split]}"""
 
 
 def readme(build: dict, samples: list[Sample]) -> str:
