@@ -66,6 +66,11 @@ row() {  # name set extra...: one student per seed, its result in OUT/name[-seed
     [ -f "$out" ] || timed "eval-$(basename "$out" .json)" $RDED eval --distilled "$set" --val "$VAL" "${EVAL[@]}" --seed "$seed" "$@" --out "$out"
   done
 }
+built320() {  # split: stops unless benchmarks/imagewoof2_320.py has built that split (its default OUT) and it verifies
+  .venv/bin/python benchmarks/imagewoof2_320.py --check --split "$1" >/dev/null || {
+    echo "build it first: python benchmarks/imagewoof2_320.py <git dir of q878787/imagewoof2-320> --split $1" >&2
+    exit 2; }
+}
 revalue() {  # name set: a finished training's student validated again (final epoch only) on the 320-px val
   # (--val adds shards to a list: the 320-px val replaces the 160-px one, it is not given beside it)
   local name=$1 set=$2 out="$OUT/${1%-ipc*}-val320-ipc${1##*-ipc}.json"
@@ -120,17 +125,14 @@ for step in $STEPS; do
     online50)  # the authors' labels: the observer labels every CutMix-ed batch (no stored views)
       row rded-online-ipc50 "$OUT/rded" --teacher-online --job jobs/imagewoof.toml ;;
     pool320)  # the same val split; only the train pool changes
-      .venv/bin/python benchmarks/imagewoof2_320.py --check "$POOL320" >/dev/null || {
-        echo "pool320: build $POOL320 first: python benchmarks/imagewoof2_320.py <git dir of q878787/imagewoof2-320>" >&2
-        exit 2; }
+      built320 train
       distill jobs/imagewoof.toml "$OUT/pool320" --set distill.ipc=50 "${DATA[@]}" \
         --set "data.train=[\"../$POOL320/train-{000000..000004}.tar\"]"
       slice "$OUT/pool320" 10
       row pool320-stored-ipc10 "$OUT/pool320-ipc10"
       row pool320-stored-ipc50 "$OUT/pool320" ;;
     val320)  # the finished RDED rows at IPC 10 and 50 validated on the same val split at 320 px (final only)
-      .venv/bin/python benchmarks/imagewoof2_320.py --check --split val >/dev/null || {
-        echo "val320: build it first: python benchmarks/imagewoof2_320.py <git dir> --split val" >&2; exit 2; }
+      built320 val
       revalue rded-stored-ipc10 "$OUT/rded-ipc10"; revalue rded-stored-ipc50 "$OUT/rded"
       revalue pool320-stored-ipc10 "$OUT/pool320-ipc10"; revalue pool320-stored-ipc50 "$OUT/pool320" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
