@@ -43,6 +43,14 @@ def final_state(out: Path) -> dict:
     return torch.load(out.with_suffix(".ckpt"), map_location="cpu", weights_only=True)
 
 
+def saved_student(out: Path) -> tuple[ComputePolicy, torch.nn.Module]:
+    """The student of a finished training's checkpoint, for brute-force evaluation in fp32 on the CPU."""
+    compute = ComputePolicy(torch.device("cpu"), "fp32")
+    model = compute.prepare(build_student("resnet18", NUM_CLASSES))
+    model.load_state_dict(final_state(out)["model"])
+    return compute, model
+
+
 def same_tensors(a, b) -> bool:
     if isinstance(a, torch.Tensor):
         return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
@@ -97,9 +105,7 @@ def test_a_finished_training_is_validated_again_on_other_shards_of_the_same_name
     urls = [str(other / f"val-{i:06d}.tar") for i in range(3)]
     assert a["val"] == [str(val_dir / f"val-{i:06d}.tar") for i in range(3)] and b["val"] == urls
     assert b["best_of"] == a["best_of"]
-    compute = ComputePolicy(torch.device("cpu"), "fp32")
-    model = compute.prepare(build_student("resnet18", NUM_CLASSES))
-    model.load_state_dict(final_state(uninterrupted)["model"])
+    compute, model = saved_student(uninterrupted)
     accuracy = evaluate(model, ValShards(urls, NUM_CLASSES, 32), compute=compute)
     assert b["val_samples"] == accuracy.count == 7 * NUM_CLASSES and b["top1"] == round(accuracy.top1, 4)
 
@@ -112,9 +118,7 @@ def test_best_of_reports_the_checks_of_the_protocol(baseline_run, val_dir, unint
     assert best["top1"] == max(best["checks"].values())
     # the last check is the final student on the subset, recomputed from the saved weights
     urls = [str(val_dir / f"val-{i:06d}.tar") for i in range(3)]
-    compute = ComputePolicy(torch.device("cpu"), "fp32")
-    model = compute.prepare(build_student("resnet18", NUM_CLASSES))
-    model.load_state_dict(final_state(uninterrupted)["model"])
+    compute, model = saved_student(uninterrupted)
     subset = evaluate(model, ValShards(urls, NUM_CLASSES, 32, keys=best["keys"]), compute=compute)
     assert subset.count == len(best["keys"]) and round(subset.top1, 4) == best["checks"][str(EPOCHS)]
 
