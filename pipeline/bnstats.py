@@ -28,9 +28,10 @@ from .errors import JobError
 from .keyed import centre_square
 from .records import SampleRef, draw_order
 from .refine import BNTerm, Refiner
+from .rundir import BN_STATS
 from .score import cut_candidates
 
-FILE = "bn_stats.json"  # the checkpoint unit
+FILE = BN_STATS  # the checkpoint unit, published beside the manifest
 FORMAT = "rded-bn-stats/1"
 
 LayerStats = tuple[np.ndarray, np.ndarray]  # per-channel mean and variance, float64

@@ -57,7 +57,7 @@ from .source import (BrokenShard, FirstOccurrence, Replay, broken_shards, canoni
                      index_break, load_classes, load_fetch_break, save_fetch_break, scan_shard, shard_key_hashes,
                      unnamed)
 from .streams import MemberFetcher, RetryPolicy, SpooledMembers, StreamBroken, Streams, StreamStats, spool_is_whole
-from .tario import sha256_file
+from .tario import sha256_file, write_bytes_atomic
 from .write import (PlannedImage, WriteResult, WriteSettings, contact_sheet_rows, cut_canvases, merge_results,
                     output_shards, plan_images, stitch, write_contact_sheet, write_image_shard)
 
@@ -899,6 +899,8 @@ def finish(run: Run, result: WriteResult, label_stats: LabelStats, relabeler: Re
         write_report(run, summary, accounting, {"checkpoint": Checkpoint.report(checkpoints), "streams": streams},
                      per_class, manifest)
         write_cards(run.staging, manifest)  # README.md (a Hugging Face dataset card) and _info.json (timm's split file)
+        if run.bn_stats:  # the statistics refinement matched, beside the manifest that records their sha256
+            write_bytes_atomic(run.staging / BN_STATS_FILE, run.checkpoint.load(BN_STATS_FILE, "bn_stats"))
         run.layout.publish(manifest)
         return "published"
 

@@ -25,6 +25,7 @@ MANIFEST_FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
 MANIFEST = "manifest.json"
 STAGING = ".rded-staging"
 RECORDS = ("report.json", "samples.tsv", "contact-sheet.png")  # a run's files besides shards and manifest
+BN_STATS = "bn_stats.json"  # refine.bn_stats = "data": the statistics refinement matched (rded.bnstats)
 
 
 def image_shard_name(shard_no: int) -> str:
@@ -150,12 +151,18 @@ def read_verified(run_dir: Path, name: str, sha256: str) -> dict[str, dict[str, 
 
 
 def verify_run(run_dir: Path, manifest: Manifest | None = None) -> Manifest:
-    """Check every shard of a run against the manifest's sha256; the manifest."""
+    """Check every shard of a run (and its BN statistics, when recorded) against the manifest's sha256; the
+    manifest."""
     manifest = manifest or read_manifest(run_dir)
-    for shard in manifest.shards:
-        for name, sha in _shard_files(shard):
-            _check_sha(run_dir, name, sha256_file(_listed_file(run_dir, name)), sha)
+    for name, sha in [f for shard in manifest.shards for f in _shard_files(shard)] + _bn_stats_file(manifest):
+        _check_sha(run_dir, name, sha256_file(_listed_file(run_dir, name)), sha)
     return manifest
+
+
+def _bn_stats_file(manifest: Manifest) -> list[tuple[str, str]]:
+    """The recorded BN statistics file and its sha256, if the run refined against the data's statistics."""
+    recorded = (manifest.refine or {}).get("bn_stats")
+    return [(recorded["file"], recorded["sha256"])] if recorded else []
 
 
 def _shard_files(shard: ShardRecord) -> list[tuple[str, str]]:
@@ -181,7 +188,7 @@ def remove_previous_run(out_dir: Path) -> None:
     (out_dir / MANIFEST).unlink(missing_ok=True)
     for old in [*out_dir.glob("distilled-*.tar"), *out_dir.glob("labels-*.tar")]:
         old.unlink()
-    for name in (*RECORDS, *CARD_FILES):
+    for name in (*RECORDS, BN_STATS, *CARD_FILES):
         (out_dir / name).unlink(missing_ok=True)
 
 
@@ -199,9 +206,8 @@ def slice_run(src: Path, ipc: int, out_dir: Path, *, overwrite: bool = False) ->
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_previous_run(out_dir)
     kept = [s for s in manifest.shards if s.tier <= ipc]
-    for shard in kept:
-        for name, sha in _shard_files(shard):
-            copy_atomic(_listed_file(src, name), out_dir / name, check=lambda actual, name=name, sha=sha: _check_sha(src, name, actual, sha))
+    for name, sha in [f for shard in kept for f in _shard_files(shard)] + _bn_stats_file(manifest):
+        copy_atomic(_listed_file(src, name), out_dir / name, check=lambda actual, name=name, sha=sha: _check_sha(src, name, actual, sha))
     sliced = replace(manifest, ipc=ipc, tiers=[t for t in manifest.tiers if t <= ipc], shards=kept,
                      images=sum(s.samples for s in kept),
                      sliced_from={"ipc": manifest.ipc, "tiers": manifest.tiers},

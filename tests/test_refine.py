@@ -16,7 +16,8 @@ from rded.distill import run_distill
 from rded.normalization import IMAGENET
 from rded.observer import Observer
 from rded.refine import Refiner, Step, draw_step
-from rded.rundir import read_manifest, slice_run
+from rded.errors import RunError
+from rded.rundir import read_manifest, slice_run, verify_run
 from rded.runtime import ComputePolicy
 from rded.synthetic import SmallCNN
 
@@ -292,6 +293,14 @@ def test_data_bn_statistics_equal_a_brute_force_computation(refine_job, data_dir
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert report["refine"]["bn_stats"]["sha256"] == recorded["sha256"]
     assert report["checkpoint"]["units_computed"]["bn_stats"] == 1
+    # published beside the manifest, and a slice keeps them; both verified against the recorded sha256
+    assert (tmp_path / "o" / "bn_stats.json").read_bytes() == stats.to_bytes()
+    slice_run(tmp_path / "o", 1, tmp_path / "sliced")
+    assert (tmp_path / "sliced" / "bn_stats.json").read_bytes() == stats.to_bytes()
+    verify_run(tmp_path / "sliced")
+    (tmp_path / "o" / "bn_stats.json").write_bytes(stats.to_bytes().replace(b"[", b"[ ", 1))
+    with pytest.raises(RunError, match="bn_stats.json: sha256"):
+        verify_run(tmp_path / "o")
 
 
 def test_the_sample_does_not_depend_on_batch_size_shard_order_or_streaming(refine_job, data_dir, tmp_path, measured):
