@@ -12,7 +12,8 @@
 #   ipc1, ipc10: every row at that IPC (IPC 1 about 3 min a row, IPC 10 about 11), for each of SEEDS;
 #   ipc50: RDED soft and hard, STRONGER random soft (75-90 min each on 2 cores, resumed with the same
 #   command); native: scoring mode native, IPC 10 (about 20 min); refine: RDED + refine at IPC 10 and 1
-#   (about 60 min); refine-data: the same with the BN term on the data's statistics (refine.bn_stats = data)
+#   (about 60 min); refine-data: the same with the BN term on the data's statistics (refine.bn_stats = data),
+#   and benchmarks/bn_gap.py's table of that term (about 70 min)
 #   online50, pool320: IPC 50 gap candidates: the authors' online teacher on RDED's IPC 50 set (about 110 min);
 #   RDED from the full 9,025-photo pool at 320 px (benchmarks/imagewoof2_320.py builds it into out/imagewoof2-320),
 #   IPC 50 and its IPC 10 slice (set about 25 min, students as ipc10 and ipc50); val320: those finished RDED rows
@@ -121,7 +122,10 @@ for step in $STEPS; do
         --set refine.bn_stats=data
       slice "$OUT/refine-data" 1
       row refine-data-stored-ipc1 "$OUT/refine-data-ipc1"
-      row refine-data-stored-ipc10 "$OUT/refine-data" ;;
+      row refine-data-stored-ipc10 "$OUT/refine-data"
+      # the BN term of real photos, of RDED's batches and of the refined ones, against both targets
+      [ -f "$OUT/bn-gap.md" ] || .venv/bin/python benchmarks/bn_gap.py "$OUT/refine-data/bn_stats.json" \
+        "$OUT/rded-ipc10" "$OUT/refine-data" > "$OUT/bn-gap.md" ;;
     online50)  # the authors' labels: the observer labels every CutMix-ed batch (no stored views)
       row rded-online-ipc50 "$OUT/rded" --teacher-online --job jobs/imagewoof.toml ;;
     pool320)  # the same val split; only the train pool changes
