@@ -96,7 +96,8 @@ def main() -> None:
     sets = {str(path): set_batches(path) for path in args.sets}
     size = next(iter(sets.values()))[0]
     kinds = {f"real photos, one per class ({args.batches} batches, seed {args.seed})":
-             photo_batches([url for p in job.data.train for url in braceexpand(str(job.path(p)))], len(classes), size, args.batches, args.seed)}
+             photo_batches([url for p in job.data.train for url in braceexpand(str(job.path(p)))], len(classes),
+                           size, args.batches, args.seed)}
     kinds.update({path: batches for path, (_, batches) in sets.items()})
     print(f"BN term (sum over {len(layers)} layers, first x {weights[0]:g}), batches of {len(classes)} images "
           f"at {size} px, fp32: mean ± sd over batches")

@@ -154,12 +154,12 @@ def verify_run(run_dir: Path, manifest: Manifest | None = None) -> Manifest:
     """Check every shard of a run (and its BN statistics, when recorded) against the manifest's sha256; the
     manifest."""
     manifest = manifest or read_manifest(run_dir)
-    for name, sha in [f for shard in manifest.shards for f in _shard_files(shard)] + _bn_stats_file(manifest):
+    for name, sha in [f for shard in manifest.shards for f in _shard_files(shard)] + bn_stats_file(manifest):
         _check_sha(run_dir, name, sha256_file(_listed_file(run_dir, name)), sha)
     return manifest
 
 
-def _bn_stats_file(manifest: Manifest) -> list[tuple[str, str]]:
+def bn_stats_file(manifest: Manifest) -> list[tuple[str, str]]:
     """The recorded BN statistics file and its sha256, if the run refined against the data's statistics."""
     recorded = (manifest.refine or {}).get("bn_stats")
     return [(recorded["file"], recorded["sha256"])] if recorded else []
@@ -206,7 +206,7 @@ def slice_run(src: Path, ipc: int, out_dir: Path, *, overwrite: bool = False) ->
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_previous_run(out_dir)
     kept = [s for s in manifest.shards if s.tier <= ipc]
-    for name, sha in [f for shard in kept for f in _shard_files(shard)] + _bn_stats_file(manifest):
+    for name, sha in [f for shard in kept for f in _shard_files(shard)] + bn_stats_file(manifest):
         copy_atomic(_listed_file(src, name), out_dir / name, check=lambda actual, name=name, sha=sha: _check_sha(src, name, actual, sha))
     sliced = replace(manifest, ipc=ipc, tiers=[t for t in manifest.tiers if t <= ipc], shards=kept,
                      images=sum(s.samples for s in kept),

@@ -31,7 +31,7 @@ from pathlib import Path
 from .cards import CARD_FILES
 from .checkpoint import CHECKPOINT, publish_step
 from .errors import RunError, RunLocked
-from .rundir import BN_STATS, MANIFEST, RECORDS, STAGING, Manifest, remove_previous_run, verify_run, write_json
+from .rundir import MANIFEST, RECORDS, STAGING, Manifest, bn_stats_file, remove_previous_run, verify_run, write_json
 from .tario import fsync_dir, write_bytes_atomic
 
 LOCK = ".rded.lock"
@@ -231,7 +231,7 @@ def published_files(manifest: Manifest) -> list[str]:
     statistics refinement matched when they were the data's), then every image and label shard, then the cards
     that describe them (README.md, _info.json: rded.cards)."""
     records = [r for r in RECORDS if r != "contact-sheet.png" or manifest.images]
-    records += [BN_STATS] if (manifest.refine or {}).get("bn_stats") else []
+    records += [name for name, _ in bn_stats_file(manifest)]
     shards = [n for s in manifest.shards for n in [s.name] + ([s.labels["name"]] if s.labels else [])]
     return records + shards + list(CARD_FILES)
 
