@@ -14,7 +14,7 @@
 #   command); native: scoring mode native, IPC 10 (about 20 min); refine: RDED + refine at IPC 10 and 1
 #   (about 60 min); refine-data: the same with the BN term on the data's statistics (refine.bn_stats = data),
 #   and benchmarks/bn_gap.py's table of that term (about 70 min)
-#   online50, pool320: IPC 50 gap candidates: the authors' online teacher on RDED's IPC 50 set (about 110 min);
+#   online50, pool320: IPC 50 gap candidates: the authors' online teacher on RDED's IPC 50 set and its IPC 10 slice (about 110 min);
 #   RDED from the full 9,025-photo pool at 320 px (benchmarks/imagewoof2_320.py builds it into out/imagewoof2-320),
 #   IPC 50 and its IPC 10 slice (set about 25 min, students as ipc10 and ipc50); val320: those finished RDED rows
 #   students validated again on the same val photos at 320 px (--split val of the same script; final only)
@@ -126,8 +126,9 @@ for step in $STEPS; do
       # the BN term of real photos, of RDED's batches and of the refined ones, against both targets
       [ -f "$OUT/bn-gap.md" ] || .venv/bin/python benchmarks/bn_gap.py "$OUT/refine-data/bn_stats.json" \
         "$OUT/rded-ipc10" "$OUT/refine-data" > "$OUT/bn-gap.md" ;;
-    online50)  # the authors' labels: the observer labels every CutMix-ed batch (no stored views)
-      row rded-online-ipc50 "$OUT/rded" --teacher-online --job jobs/imagewoof.toml ;;
+    online50)  # the authors' labels: the observer labels every CutMix-ed batch (no stored views); then the IPC 10 slice
+      row rded-online-ipc50 "$OUT/rded" --teacher-online --job jobs/imagewoof.toml
+      row rded-online-ipc10 "$OUT/rded-ipc10" --teacher-online --job jobs/imagewoof.toml ;;
     pool320)  # the same val split; only the train pool changes
       built320 train
       distill jobs/imagewoof.toml "$OUT/pool320" --set distill.ipc=50 "${DATA[@]}" \
