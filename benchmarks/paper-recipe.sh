@@ -14,7 +14,7 @@
 #   command); native: scoring mode native, IPC 10 (about 20 min); refine: RDED + refine at IPC 10 and 1
 #   (about 60 min); refine-data: the same with the BN term on the data's statistics (refine.bn_stats = data),
 #   and benchmarks/bn_gap.py's table of that term (about 70 min)
-#   online50, pool320: IPC 50 gap candidates: the authors' online teacher on RDED's IPC 50 set and its IPC 10 slice (91 + about 18 min);
+#   online50, pool320: IPC 50 gap candidates: the authors' online teacher on RDED's IPC 50 set and its IPC 10 slice (91 + 20 min);
 #   RDED from the full 9,025-photo pool at 320 px (benchmarks/imagewoof2_320.py builds it into out/imagewoof2-320),
 #   IPC 50 and its IPC 10 slice (set about 25 min, students as ipc10 and ipc50); val320: those finished RDED rows
 #   students validated again on the same val photos at 320 px (--split val of the same script; final only)
