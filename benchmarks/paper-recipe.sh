@@ -14,7 +14,7 @@
 #   command); native: scoring mode native, IPC 10 (about 20 min); refine: RDED + refine at IPC 10 and 1
 #   (about 60 min); refine-data: the same with the BN term on the data's statistics (refine.bn_stats = data),
 #   and benchmarks/bn_gap.py's table of that term (about 70 min); refine-long: refine-data with 1,000 iterations
-#   (about 130 min; not in the default STEPS)
+#   and the BN-term table with it (about 120 min; not in the default STEPS)
 #   online50, pool320: IPC 50 gap candidates: the authors' online teacher on RDED's IPC 50 set and its IPC 10 slice (91 + 20 min);
 #   RDED from the full 9,025-photo pool at 320 px (benchmarks/imagewoof2_320.py builds it into out/imagewoof2-320),
 #   IPC 50 and its IPC 10 slice (set about 25 min, students as ipc10 and ipc50); val320: those finished RDED rows
@@ -132,7 +132,9 @@ for step in $STEPS; do
         --set refine.bn_stats=data --set refine.iterations=1000
       slice "$OUT/refine-long" 1
       row refine-long-stored-ipc10 "$OUT/refine-long"
-      row refine-long-stored-ipc1 "$OUT/refine-long-ipc1" ;;
+      row refine-long-stored-ipc1 "$OUT/refine-long-ipc1"
+      [ -f "$OUT/bn-gap-long.md" ] || .venv/bin/python benchmarks/bn_gap.py "$OUT/refine-long/bn_stats.json" \
+        "$OUT/rded-ipc10" "$OUT/refine-data" "$OUT/refine-long" > "$OUT/bn-gap-long.md" ;;
     online50)  # the authors' labels: the observer labels every CutMix-ed batch (no stored views); then the IPC 10 slice
       row rded-online-ipc50 "$OUT/rded" --teacher-online --job jobs/imagewoof.toml
       row rded-online-ipc10 "$OUT/rded-ipc10" --teacher-online --job jobs/imagewoof.toml ;;

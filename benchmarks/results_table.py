@@ -36,6 +36,7 @@ ROWS = [("rded-stored", "RDED (`pad`)", "stored soft labels"),
         ("pool320-stored-val320", "RDED (`pad`), full pool at 320 px, val at 320 px", "stored soft labels"),
         ("refine-stored", "RDED + refine", "stored soft labels"),
         ("refine-data-stored", "RDED + refine, BN term on the data's statistics", "stored soft labels"),
+        ("refine-long-stored", "RDED + refine, data's statistics, 1,000 iterations", "stored soft labels"),
         # the short recipe's names for the whole-image baseline
         ("random-soft", RANDOM_VIEWS["nocrop"], "stored soft labels"),
         ("random-hard", RANDOM_VIEWS["nocrop"], "hard labels")]
