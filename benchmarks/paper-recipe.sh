@@ -68,6 +68,13 @@ row() {  # name set extra...: one student per seed, its result in OUT/name[-seed
     [ -f "$out" ] || timed "eval-$(basename "$out" .json)" $RDED eval --distilled "$set" --val "$VAL" "${EVAL[@]}" --seed "$seed" "$@" --out "$out"
   done
 }
+refined() {  # name extra...: RDED + refine (extra: its settings) at IPC 10 in OUT/name and its IPC 1 slice, with students
+  local name=$1; shift
+  distill jobs/imagewoof.toml "$OUT/$name" --set distill.ipc=10 "${DATA[@]}" "${REFINE[@]}" "$@"
+  slice "$OUT/$name" 1
+  row "$name-stored-ipc1" "$OUT/$name-ipc1"
+  row "$name-stored-ipc10" "$OUT/$name"
+}
 built320() {  # split: stops unless benchmarks/imagewoof2_320.py has built that split (its default OUT) and it verifies
   .venv/bin/python benchmarks/imagewoof2_320.py --check --split "$1" >/dev/null || {
     echo "build it first: python benchmarks/imagewoof2_320.py <git dir of q878787/imagewoof2-320> --split $1" >&2
@@ -114,25 +121,14 @@ for step in $STEPS; do
       distill jobs/imagewoof.toml "$OUT/native" --set distill.ipc=10 --set distill.score_mode=native "${DATA[@]}"
       row native-stored-ipc10 "$OUT/native" ;;
     refine)
-      distill jobs/imagewoof.toml "$OUT/refine" --set distill.ipc=10 "${DATA[@]}" "${REFINE[@]}"
-      slice "$OUT/refine" 1
-      row refine-stored-ipc1 "$OUT/refine-ipc1"
-      row refine-stored-ipc10 "$OUT/refine" ;;
+      refined refine ;;
     refine-data)  # the BN term matches the data's own statistics (refine.bn_stats = data), not ImageNet's
-      distill jobs/imagewoof.toml "$OUT/refine-data" --set distill.ipc=10 "${DATA[@]}" "${REFINE[@]}" \
-        --set refine.bn_stats=data
-      slice "$OUT/refine-data" 1
-      row refine-data-stored-ipc1 "$OUT/refine-data-ipc1"
-      row refine-data-stored-ipc10 "$OUT/refine-data"
+      refined refine-data --set refine.bn_stats=data
       # the BN term of real photos, of RDED's batches and of the refined ones, against both targets
       [ -f "$OUT/bn-gap.md" ] || .venv/bin/python benchmarks/bn_gap.py "$OUT/refine-data/bn_stats.json" \
         "$OUT/rded-ipc10" "$OUT/refine-data" > "$OUT/bn-gap.md" ;;
     refine-long)  # refine-data with 1,000 iterations (250 a stage): half the authors' 2,000, what one session holds
-      distill jobs/imagewoof.toml "$OUT/refine-long" --set distill.ipc=10 "${DATA[@]}" "${REFINE[@]}" \
-        --set refine.bn_stats=data --set refine.iterations=1000
-      slice "$OUT/refine-long" 1
-      row refine-long-stored-ipc10 "$OUT/refine-long"
-      row refine-long-stored-ipc1 "$OUT/refine-long-ipc1"
+      refined refine-long --set refine.bn_stats=data --set refine.iterations=1000
       [ -f "$OUT/bn-gap-long.md" ] || .venv/bin/python benchmarks/bn_gap.py "$OUT/refine-long/bn_stats.json" \
         "$OUT/rded-ipc10" "$OUT/refine-data" "$OUT/refine-long" > "$OUT/bn-gap-long.md" ;;
     online50)  # the authors' labels: the observer labels every CutMix-ed batch (no stored views); then the IPC 10 slice
